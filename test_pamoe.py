@@ -1,0 +1,282 @@
+"""Tests for PA-MoE: equivalences, gradients, pure algorithm functions against naive references, the toy env,
+checkpoints and an end-to-end learning run. CPU only, no downloads."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import envs
+import pamoe
+
+SMALL = ["--rank", "4", "--alpha", "8", "--router_hidden", "32", "--router_layers", "1", "--num_envs", "4",
+         "--max_steps", "6", "--minibatch", "8", "--epochs", "1", "--eval_every", "0"]
+
+
+def make_agent(*extra, seed=0):
+    args = pamoe.parse_args(SMALL + list(extra))
+    torch.manual_seed(seed)
+    return pamoe.Agent(args, torch.device("cpu"))
+
+
+def randomize_experts(agent, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in agent.experts:
+            m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def rollout_data():
+    agent = make_agent()
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
+    return agent, R
+
+
+def batch_of(agent, R, n):
+    return R["seq"][:n], R["prompt_len"][:n], R["resp_len"][:n]
+
+
+# --- LoRA experts ------------------------------------------------------------------------------------------
+def test_zero_initialised_experts_leave_the_base_model_unchanged(rollout_data):
+    agent, R = rollout_data
+    seqs, pl, rl = batch_of(agent, R, 6)
+    gates = F.one_hot(torch.tensor([0, 1, 2, 3, 1, 0]), 4).float()[:, None]
+    with torch.no_grad():
+        on = agent.response_logprobs(seqs, pl, rl, 1.0, gates)[0]
+        off = agent.response_logprobs(seqs, pl, rl, 1.0, None, experts_on=False)[0]
+    assert torch.equal(on, off)
+
+
+@pytest.mark.parametrize("routing", ["phase", "token"])
+def test_mixed_expert_batch_equals_each_sequence_run_alone(routing):
+    agent = make_agent("--routing", routing)
+    randomize_experts(agent)
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [5, 6, 7, 8], 2.0, 1.0, greedy_router=False)
+    seqs, pl, rl = batch_of(agent, R, 4)
+    k = torch.tensor([3, 0, 2, 1])
+    gates = lambda idx: None if routing == "token" else F.one_hot(k[idx], 4).float()[:, None]
+    with torch.no_grad():
+        together = agent.response_logprobs(seqs, pl, rl, 1.0, gates(torch.arange(4)))[0]
+        for i in range(4):
+            alone = agent.response_logprobs(seqs[i:i + 1], pl[i:i + 1], rl[i:i + 1], 1.0, gates(torch.tensor([i])))[0]
+            torch.testing.assert_close(together[i, :rl[i]], alone[0, :rl[i]], atol=1e-5, rtol=1e-5)
+        off = agent.response_logprobs(seqs, pl, rl, 1.0, None, experts_on=False)[0]
+    assert (together - off).abs().max() > 1e-4  # the experts do act
+
+
+def test_only_routed_experts_receive_gradient(rollout_data):
+    agent = make_agent()
+    randomize_experts(agent)
+    _, R = rollout_data
+    seqs, pl, rl = batch_of(agent, R, 4)
+    k = torch.tensor([0, 2, 2, 0])  # experts 1 and 3 unrouted
+    logp, _, mask = agent.response_logprobs(seqs, pl, rl, 1.0, F.one_hot(k, 4).float()[:, None])
+    logp[mask].sum().backward()
+    r = agent.args.rank
+    for m in agent.experts:
+        for e in range(4):
+            gA, gB = m.A.grad[:, e * r:(e + 1) * r], m.B.grad[e * r:(e + 1) * r]
+            if e in (1, 3):
+                assert torch.count_nonzero(gA) == 0 and torch.count_nonzero(gB) == 0
+            else:
+                assert gB.abs().sum() > 0
+        assert m.base.weight.grad is None
+    assert all(p.grad is None for n, p in agent.lm.named_parameters() if not n.endswith((".A", ".B")))
+
+
+def test_straight_through_gates_pass_router_gradient_but_keep_one_hot_forward():
+    p = torch.tensor([[0.2, 0.5, 0.3]], requires_grad=True)
+    g = pamoe.step_gates(p, torch.tensor([2]), straight_through=True)
+    assert torch.equal(g.detach(), torch.tensor([[[0.0, 0.0, 1.0]]]))
+    (g * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(p.grad, torch.tensor([[1.0, 2.0, 3.0]]))
+    assert not pamoe.step_gates(p, torch.tensor([2]), straight_through=False).requires_grad
+
+
+# --- pure algorithm functions ------------------------------------------------------------------------------
+def naive_gae(episodes, gamma, lam):
+    """episodes: list of (rewards, values, terminated, bootstrap_value). Plain per-episode loop."""
+    out = []
+    for rewards, values, terminated, boot in episodes:
+        T, adv, A = len(rewards), [0.0] * len(rewards), 0.0
+        for t in reversed(range(T)):
+            if t == T - 1:
+                nxt = 0.0 if terminated else boot
+            else:
+                nxt = values[t + 1]
+            delta = rewards[t] + gamma * nxt - values[t]
+            A = delta + gamma * lam * (A if t < T - 1 else 0.0)
+            adv[t] = A
+        out.append(adv)
+    return out
+
+
+def test_gae_equals_naive_loop_with_termination_and_truncation():
+    g = torch.Generator().manual_seed(0)
+    lengths, terminated = [5, 3, 7, 1], [True, False, False, True]
+    N, T = len(lengths), max(lengths)
+    rew, V = torch.randn(N, T, generator=g), torch.randn(N, T, generator=g)
+    boot = torch.randn(N, generator=g)
+    next_V, term, dones = torch.zeros(N, T), torch.zeros(N, T), torch.ones(N, T)
+    for n, L in enumerate(lengths):
+        next_V[n, :L - 1] = V[n, 1:L]
+        next_V[n, L - 1] = boot[n]
+        term[n, L - 1] = float(terminated[n])
+        dones[n, :L - 1] = 0
+    adv, ret = pamoe.gae(rew, V, next_V, term, dones, 0.95, 0.9)
+    ref = naive_gae([(rew[n, :L].tolist(), V[n, :L].tolist(), terminated[n], float(boot[n]))
+                     for n, L in enumerate(lengths)], 0.95, 0.9)
+    for n, L in enumerate(lengths):
+        torch.testing.assert_close(adv[n, :L], torch.tensor(ref[n]))
+        torch.testing.assert_close(ret[n, :L], adv[n, :L] + V[n, :L])
+
+
+def test_ppo_loss_clips_and_kl_estimator():
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    old = torch.zeros(1, 4)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    logp = torch.tensor([[0.5, 0.0, -0.5, 0.1]], requires_grad=True)  # ratios e^.5, 1, e^-.5, e^.1
+    loss, clipfrac, _ = pamoe.ppo_policy_loss(logp, old, adv, mask, clip=0.2)
+    loss.backward()
+    assert clipfrac == 0.5
+    # clipped where the ratio left the range in the advantage's favour: no gradient there
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0
+    assert logp.grad[0, 1] < 0 and logp.grad[0, 3] > 0
+    expected = -(1.2 + 1.0 - 0.8 - torch.e ** 0.1) / 4
+    torch.testing.assert_close(loss.detach(), torch.tensor(expected))
+    assert pamoe.kl_k3(logp.detach(), logp.detach(), mask) == 0
+    assert pamoe.kl_k3(torch.zeros(1, 4), torch.full((1, 4), -0.3), mask) > 0
+    with pytest.raises(ValueError):
+        pamoe.masked_mean(logp, torch.zeros(1, 4, dtype=torch.bool))
+
+
+def test_ppo_ratio_is_one_on_first_minibatch_and_kl_zero_while_experts_are_zero(rollout_data):
+    agent, R = rollout_data
+    B = pamoe.prepare_batch(agent, R)
+    mb = torch.arange(len(R["seq"]))[:8]
+    seqs, pl, rl = ([R[k][i] for i in mb] for k in ("seq", "prompt_len", "resp_len"))
+    logp, _, mask = agent.response_logprobs(seqs, pl, rl, 1.0, pamoe.step_gates_for(agent, mb, B["k"]))
+    old = torch.nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb], batch_first=True)
+    ref = torch.nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb], batch_first=True)
+    _, clipfrac, approx_kl = pamoe.ppo_policy_loss(logp, old, torch.ones_like(logp), mask, 0.2)
+    torch.testing.assert_close(torch.where(mask, logp - old, 0), torch.zeros_like(logp), atol=1e-6, rtol=0)
+    assert clipfrac == 0 and abs(float(approx_kl)) < 1e-6
+    assert float(pamoe.kl_k3(logp, ref, mask)) == pytest.approx(0, abs=1e-6)
+    assert torch.isfinite(B["adv"]).all() and abs(float(B["adv"].mean())) < 1e-5  # whitened
+
+
+def test_switch_penalty_tau_annealing_and_balance():
+    onehot = F.one_hot(torch.tensor([1, 1, 1]), 4).float()
+    valid = torch.tensor([True, True, False])
+    assert pamoe.switch_penalty(onehot, onehot, valid) == 0
+    switched = F.one_hot(torch.tensor([1, 2, 1]), 4).float()
+    assert pamoe.switch_penalty(onehot, switched, valid) == pytest.approx(0.5)
+    soft = torch.full((3, 4), 0.25)
+    assert pamoe.switch_penalty(soft, soft, valid) == pytest.approx(0.75)
+    assert pamoe.tau_at(0, 2.0, 0.5, 3000) == 2.0
+    assert pamoe.tau_at(1500, 2.0, 0.5, 3000) == pytest.approx(1.25)
+    assert pamoe.tau_at(10**6, 2.0, 0.5, 3000) == 0.5
+    assert pamoe.load_balance(soft) == 0
+    assert pamoe.load_balance(onehot) == pytest.approx(0.75)
+
+
+# --- toy env, prompt and projection -----------------------------------------------------------------------
+def test_scripted_solver_wins_every_task_type():
+    env, seen = envs.ToyEnv(), set()
+    for seed in range(200):
+        obs, info = env.reset(seed)
+        while not env.won:
+            obs, r, term, trunc, info = env.step(env.solve())
+            assert not trunc
+        assert r == envs.WIN_REWARD and term and info["won"]
+        seen.add(info["task_type"])
+    assert seen == set(envs.TASK_TYPES)
+
+
+def test_toy_env_is_deterministic_and_flags_invalid_actions():
+    a, b = envs.ToyEnv(), envs.ToyEnv()
+    assert a.reset(7) == b.reset(7)
+    for _ in range(4):
+        cmd = a.solve()
+        assert a.step(cmd) == b.step(cmd)
+    obs, info = a.reset(7)
+    assert envs.parse_action("fly to the moon", info["admissible"]) == (None, False)
+    assert envs.parse_action("99", info["admissible"]) == (None, False)
+    assert envs.parse_action("<action>go to shelf 1</action>", info["admissible"]) == (None, False)  # no think
+    assert envs.parse_action("2", info["admissible"]) == ("go to shelf 1", True)
+    assert envs.parse_action("<think>hm</think> <action>Go to  shelf 1</action>", info["admissible"]) == \
+        ("go to shelf 1", True)
+    obs2, r, term, trunc, _ = a.step("fly to the moon")
+    assert obs2 == "Nothing happens." and r == 0 and not term
+
+
+def test_step_limit_truncates_and_phases_follow_the_solution():
+    env = envs.ToyEnv(max_steps=3)
+    env.reset(0)
+    for _ in range(3):
+        *_, trunc, info = env.step("look")
+    assert trunc
+    env = envs.ToyEnv()
+    for seed in range(50):
+        _, info = env.reset(seed)
+        phases = [info["phase"]]
+        while not env.won:
+            *_, info = env.step(env.solve())
+            phases.append(info["phase"])
+        order = [envs.PHASES.index(p) for p in phases[:-1]]
+        assert order == sorted(order) and phases[-2] == "place"
+        assert ("transform" in phases) == (info["task_type"] != "pick")
+
+
+def test_prompt_holds_task_history_and_admissible_actions():
+    env = envs.ToyEnv()
+    obs, info = env.reset(3)
+    p = envs.build_prompt(info["goal"], obs, [("old obs", "go to shelf 1")], info["admissible"], 1, 15, "label")
+    assert info["goal"] in p and "old obs" in p and "go to shelf 1" in p and obs in p
+    assert all(f"{i + 1}: {a}" in p for i, a in enumerate(info["admissible"]))
+
+
+# --- arguments, checkpoints, end to end ---------------------------------------------------------------------
+@pytest.mark.parametrize("flags, words", [
+    (["--num_experts", "0"], "--num_experts must be >= 1"),
+    (["--rank", "0"], "--rank must be >= 1"),
+    (["--routing", "expert"], "unknown --routing"),
+    (["--env", "webshop"], "unknown --env"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no such file"),
+])
+def test_bad_arguments_stop_with_the_fix(flags, words):
+    with pytest.raises(SystemExit, match=words):
+        pamoe.parse_args(flags)
+
+
+def test_cuda_requested_without_cuda_stops(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        pamoe.parse_args(["--device", "cuda"])
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    pamoe.main(SMALL + ["--iterations", "3", "--out_dir", full])
+    pamoe.main(SMALL + ["--iterations", "2", "--out_dir", part])
+    ckpt = os.path.join(part, "checkpoint.pt")
+    state = torch.load(ckpt, weights_only=False)
+    assert state["iteration"] == 2 and not os.path.exists(ckpt + ".tmp")
+    agent = make_agent(seed=123)  # different init, then loaded: every trainable tensor must match
+    opt = torch.optim.AdamW(agent.param_groups())
+    assert pamoe.load_checkpoint(ckpt, agent, opt, {"updates": 0}) == 2
+    for name, value in agent.trainable_state().items():
+        assert torch.equal(value, state["trainable"][name]), name
+    pamoe.main(SMALL + ["--iterations", "3", "--out_dir", part, "--resume", ckpt])
+    a, b = read_metrics(full), read_metrics(part)
+    assert [m["iteration"] for m in b] == [1, 2, 3]
+    drop = ("rollout_s", "iteration_s", "sps")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in a] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in b]
