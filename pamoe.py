@@ -73,12 +73,13 @@ class Args:
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
     out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log and checkpoint.pt go")
     resume: str = arg("", "checkpoint to resume from (continues to --iterations)")
-    iterations: int = arg(60, "training iterations (one rollout + one PPO update each)")
+    iterations: int = arg(70, "training iterations (one rollout + one PPO update each)")
     num_envs: int = arg(32, "environments stepped in lockstep per iteration (one episode each)")
-    max_steps: int = arg(15, "step limit per episode (truncation, bootstrapped)")
+    max_steps: int = arg(20, "step limit per episode (truncation, bootstrapped)")
     history: int = arg(2, "past observation/action pairs shown in the prompt")
     action_format: str = arg("label", "label (number of an admissible action) | tagged (<think>/<action>)")
     max_new_tokens: int = arg(1, "response length limit per step (512 for the tagged format)")
+    tiny_format_steps: int = arg(150, "`tiny` only: supervised steps teaching the base the answer format")
     temperature: float = arg(1.0, "rollout sampling temperature (also the temperature of PPO log-probs)")
     eval_temperature: float = arg(0.4, "evaluation sampling temperature")
     eval_every: int = arg(10, "evaluate every N iterations (and after the last); 0 = never")
@@ -106,13 +107,13 @@ class Args:
     gae_lambda: float = arg(0.95, "GAE lambda")
     clip: float = arg(0.2, "PPO clip range")
     kl_coef: float = arg(0.01, "KL to the reference policy (experts off), k3 estimator")
-    ent_coef: float = arg(0.0, "entropy bonus (paper pipeline: 0.001)")
+    ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
-    epochs: int = arg(4, "PPO epochs over each rollout")
+    epochs: int = arg(2, "PPO epochs over each rollout")
     minibatch: int = arg(64, "environment steps per minibatch")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
-    lr_router: float = arg(1e-3, "learning rate of the router (paper: 1e-4)")
+    lr_router: float = arg(1e-4, "learning rate of the router (paper: 1e-4)")
     lr_critic: float = arg(1e-3, "learning rate of the critic")
     weight_decay: float = arg(0.01, "AdamW weight decay")
 
@@ -176,9 +177,54 @@ def build_tiny(vocab, seed):
     return Qwen2ForCausalLM(config), tok
 
 
+def teach_answer_format(model, tok, args, batch=32):
+    """Stand-in for pretraining, `tiny` only: a few supervised steps on the base (before it is frozen) so that it
+    answers a prompt with the label of an admissible action drawn uniformly, as a prompted instruction model
+    answers in the requested format. No task skill is taught: prompts come from random-action episodes and
+    every listed label is an equally good target. Without it a random 150-word output layer spends most of
+    the run learning to emit a number, and collapses before it ever solves a task."""
+    rng = random.Random(args.seed)
+    env_batch = envs.make_env_batch(args.env, batch, args.max_steps)
+    prompts, n_labels = [], []
+    for ep in range(4):
+        obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])  # seeds disjoint from training
+        history, live = [[] for _ in range(batch)], [True] * batch
+        for t in range(args.max_steps):
+            actions = [None] * batch
+            for n, (obs, info) in enumerate(obs_info):
+                if live[n]:
+                    listed = [a for a in info["admissible"] if a != "help"]
+                    prompts.append(envs.build_prompt(info["goal"], obs, history[n][-args.history:] if args.history
+                                                     else [], info["admissible"], t, args.max_steps,
+                                                     args.action_format))
+                    n_labels.append(len(listed))
+                    actions[n] = rng.choice(listed)
+                    history[n].append((obs, actions[n]))
+            for n, res in enumerate(env_batch.step(actions)):
+                if res is not None:
+                    obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
+    label_ids = torch.tensor([tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(args.tiny_format_steps):
+        idx = [rng.randrange(len(prompts)) for _ in range(batch)]
+        enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
+                  add_special_tokens=False)
+        hidden = model.base_model(**enc).last_hidden_state  # (B, T, d)
+        last = hidden[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, d) after the prompt's last token
+        logits = model.get_output_embeddings()(last).float()  # (B, V)
+        logp = F.log_softmax(logits, -1)[:, label_ids]  # (B, n)
+        valid = torch.arange(len(label_ids))[None] < torch.tensor([n_labels[i] for i in idx])[:, None]
+        loss = -(torch.where(valid, logp, 0).sum(1) / valid.sum(1)).mean()  # cross-entropy to uniform labels
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    env_batch.close()
+
+
 def load_model(args, device):
     if args.model == "tiny":
         model, tok = build_tiny(envs.vocabulary(), args.seed)
+        teach_answer_format(model, tok, args)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(args.model)
@@ -606,7 +652,7 @@ def ppo_update(agent, opt, R, B, tau_state):
                 sw = switch_penalty(p, p_next, nxt >= 0)
                 aux = a.switch_coef * sw + a.balance_coef * load_balance(p)
                 stats["switch_penalty"].append(float(sw.detach()))
-                stats["router_entropy"].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean()))
+                stats["router_entropy"].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean().detach()))
             logp, ent, mask = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)
             if a.routing == "token":  # balance of every layer's token router over the real tokens
                 real = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs],
@@ -629,7 +675,7 @@ def ppo_update(agent, opt, R, B, tau_state):
             tau_state["updates"] += 1
             for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
                              ("entropy", entropy), ("value_loss", v_loss)):
-                stats[key].append(float(val))
+                stats[key].append(float(val.detach()))
     out = {key: float(np.mean(v)) for key, v in stats.items()}
     out["explained_variance"] = explained_variance(B["values"], B["ret"])
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
@@ -666,11 +712,15 @@ def evaluate(agent, tau):
         for name, c in sorted(usage.items()):
             tot = sum(c.values())
             lines.append(f"  {name:<10}" + " ".join(f"{c[k] / tot:5.2f}" for k in range(K)) + f"   (n={tot})")
-    lines.append("phase timelines (expert per step / phase initial per step):")
+    code = {}
+    for ph in sorted(set(S["phase"])):  # one letter per phase: its initial, upper-cased if already taken
+        code[ph] = ph[0] if ph[0] not in code.values() else ph[0].upper()
+    lines.append("phase timelines (expert per step, then phase per step: "
+                 + ", ".join(f"{c}={ph}" for ph, c in code.items()) + "):")
     for tt, es in sorted(by_task.items()):
         e = es[0]
-        lines.append(f"  {tt:<6} {''.join(letters[k] for k in e['experts']):<16} "
-                     f"{''.join(p[0] for p in e['phases']):<16} {'won' if e['won'] else 'lost'}")
+        lines.append(f"  {tt:<6} {''.join(letters[k] for k in e['experts']):<21} "
+                     f"{''.join(code[p] for p in e['phases']):<21} {'won' if e['won'] else 'lost'}")
     return {k: float(v) for k, v in m.items()}, "\n".join(lines)
 
 
