@@ -38,6 +38,10 @@ Where this departs from the paper (and why):
 - `--action_format label` (default for the `tiny` model): the answer is the number of a listed admissible
   action instead of <think>..</think><action>..</action>, which a randomly initialised model cannot learn to
   write in minutes. `--action_format tagged` is the paper's form.
+- The `tiny` model (CPU demo and tests) stands in for a pretrained instruction model: before it is frozen, its
+  base gets `--tiny_format_steps` supervised steps that teach only the answer format (a uniformly random
+  admissible label), no task skill. Demo defaults differ from the paper's 1.5B settings: learning rates 1e-3
+  for experts and critic (paper: 1e-6), 2 PPO epochs, entropy bonus 0.01 (paper pipeline: 0.001).
 """
 import argparse
 import contextlib
