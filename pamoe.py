@@ -181,6 +181,12 @@ def build_tiny(vocab, seed):
     return Qwen2ForCausalLM(config), tok
 
 
+def step_prompt(args, info, obs, history, t):
+    """The prompt of one env step: task, step count, the last --history observations/actions, admissible actions."""
+    return envs.build_prompt(info["goal"], obs, history[-args.history:] if args.history else [], info["admissible"],
+                             t, args.max_steps, args.action_format)
+
+
 def teach_answer_format(model, tok, args, batch=32):
     """Stand-in for pretraining, `tiny` only: a few supervised steps on the base (before it is frozen) so that it
     answers a prompt with the label of an admissible action drawn uniformly, as a prompted instruction model
@@ -198,9 +204,7 @@ def teach_answer_format(model, tok, args, batch=32):
             for n, (obs, info) in enumerate(obs_info):
                 if live[n]:
                     listed = [a for a in info["admissible"] if a != "help"]
-                    prompts.append(envs.build_prompt(info["goal"], obs, history[n][-args.history:] if args.history
-                                                     else [], info["admissible"], t, args.max_steps,
-                                                     args.action_format))
+                    prompts.append(step_prompt(args, info, obs, history[n], t))
                     n_labels.append(len(listed))
                     actions[n] = rng.choice(listed)
                     history[n].append((obs, actions[n]))
@@ -524,9 +528,7 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             k = p.argmax(-1) if greedy_router else torch.multinomial(p, 1)[:, 0]
             episode_k[lane_idx], episode_logp[lane_idx] = k, p.gather(1, k[:, None])[:, 0].log()
         k, router_logp = episode_k[lane_idx], episode_logp[lane_idx]  # dense: expert 0, log-prob 0
-        prompts = [agent.format_prompt(envs.build_prompt(
-            infos[n]["goal"], obs[n], history[n][-a.history:] if a.history else [],
-            infos[n]["admissible"], t, env_batch.max_steps, a.action_format)) for n in lanes]
+        prompts = [agent.format_prompt(step_prompt(a, infos[n], obs[n], history[n], t)) for n in lanes]
         enc = tok(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False).to(dev)
         gates = None if a.routing == "token" else F.one_hot(k, K).float()[:, None]  # (A, 1, K)
         with agent.routing(gates):
