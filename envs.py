@@ -158,6 +158,11 @@ ANSWER = {
 }
 
 
+def listed_actions(admissible):
+    """The actions shown to the model and numbered by their labels (ALFWorld's "help" is left out)."""
+    return [a for a in admissible if a != "help"]
+
+
 def build_prompt(goal, obs, history, admissible, step, max_steps, action_format):
     """history: list of (observation, action) pairs before the current observation, oldest first."""
     lines = ["You are an agent in a household text environment.", f"Your task is to: {goal}",
@@ -167,7 +172,7 @@ def build_prompt(goal, obs, history, admissible, step, max_steps, action_format)
         for past_obs, past_act in history:
             lines += [f"Observation: {past_obs}", f"Action: {past_act}"]
     lines += [f"Current observation: {obs}", "Admissible actions:"]
-    lines += [f"{i + 1}: {cmd}" for i, cmd in enumerate(a for a in admissible if a != "help")]
+    lines += [f"{i + 1}: {cmd}" for i, cmd in enumerate(listed_actions(admissible))]
     lines.append(ANSWER[action_format])
     return "\n".join(lines)
 
@@ -176,7 +181,7 @@ def parse_action(text, admissible):
     """Model text -> (command, valid). Accepted: `<think>...</think><action>CMD</action>` (the paper's form) or a
     bare label (the number of a listed action). CMD may itself be a label. Anything else is invalid: the
     command is returned as None and the caller applies the invalid-action penalty."""
-    listed = [a for a in admissible if a != "help"]
+    listed = listed_actions(admissible)
     text = text.strip()
     if "<action>" in text or "<think>" in text:
         think = re.search(r"<think>.*?</think>", text, re.S)

@@ -203,7 +203,7 @@ def teach_answer_format(model, tok, args, batch=32):
             actions = [None] * batch
             for n, (obs, info) in enumerate(obs_info):
                 if live[n]:
-                    listed = [a for a in info["admissible"] if a != "help"]
+                    listed = envs.listed_actions(info["admissible"])
                     prompts.append(step_prompt(args, info, obs, history[n], t))
                     n_labels.append(len(listed))
                     actions[n] = rng.choice(listed)
@@ -213,7 +213,7 @@ def teach_answer_format(model, tok, args, batch=32):
                     obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
     label_ids = torch.tensor([tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(args.tiny_format_steps):
+    for _ in range(args.tiny_format_steps):
         idx = [rng.randrange(len(prompts)) for _ in range(batch)]
         enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
                   add_special_tokens=False)
