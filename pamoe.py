@@ -35,6 +35,12 @@ Where this departs from the paper (and why):
   value (top-1 times its probability); `--router_grad` does not apply to it. Its "expert of a step", used only
   for switch counts and usage tables, is the expert chosen most often over all layers and tokens of that step.
 - The diversity term (lambda_div) of the paper is not implemented (unused in the released code too).
+- `--router_shift true` adds RSPO's router-shift rescaling (arXiv 2510.23027, not part of PA-MoE): each token's
+  PPO ratio is multiplied, before clipping, by gamma = max(floor, exp(-mean |log p_new(k_old) - log p_old(k_old)|))
+  over the routing decisions that produced it (token routing: its expert in every layer; phase: the step's expert;
+  trajectory: the episode's), detached; dense routing has no decision (gamma = 1). Off by default so that the
+  default run is the paper's method; the ablation measures it (README). RSPO pairs it with GMPO's geometric-mean
+  sequence ratio; here it rescales plain PPO token ratios. The floor (0.5) is our choice.
 - `--action_format label` (default for the `tiny` model): the answer is the number of a listed admissible
   action instead of <think>..</think><action>..</action>, which a randomly initialised model cannot learn to
   write in minutes. `--action_format tagged` is the paper's form.
@@ -106,6 +112,8 @@ class Args:
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly")
     switch_coef: float = arg(0.05, "lambda_s: temporal-consistency (soft switch) penalty")
     balance_coef: float = arg(0.001, "lambda_b: load-balance penalty")
+    router_shift: bool = arg(False, "RSPO: rescale PPO ratios by the router-shift weight (see header; dense: no-op)")
+    router_shift_floor: float = arg(0.5, "lower bound of the router-shift weight")
     # PPO
     gamma: float = arg(0.95, "discount per environment step")
     gae_lambda: float = arg(0.95, "GAE lambda")
@@ -142,6 +150,8 @@ class Args:
         need(self.temperature > 0 and self.eval_temperature > 0, "temperatures must be > 0")
         need(not self.resume or os.path.isfile(self.resume),
              f"--resume {self.resume}: no such file; point it at a checkpoint.pt or drop the flag")
+        need(0 < self.router_shift_floor <= 1,
+             f"--router_shift_floor must be in (0, 1] (got {self.router_shift_floor})")
         need(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}; use auto, cpu or cuda")
         need(self.device != "cuda" or torch.cuda.is_available(),
              "--device cuda but no CUDA device is visible; use --device cpu (or auto)")
@@ -153,10 +163,17 @@ class Args:
         return (1, self.dense_rank or self.rank) if self.routing == "dense" else (self.num_experts, self.rank)
 
 
+def boolean(text):
+    if text.lower() not in ("true", "false", "1", "0", "on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+    return text.lower() in ("true", "1", "on")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+        kind = boolean if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
     return Args(**vars(parser.parse_args(argv))).validate()
 
 
@@ -396,14 +413,25 @@ def whiten(x, mask):
     return torch.where(mask, (x - mean) / (std + 1e-8), 0)
 
 
-def ppo_policy_loss(logp, old_logp, adv, mask, clip):
+def clip_fraction(ratio, mask, clip):
+    return masked_mean(((ratio - 1).abs() > clip).float(), mask)
+
+
+def ppo_policy_loss(logp, old_logp, adv, mask, clip, shift=1.0):
     """Clipped surrogate, token-mean over the response tokens in `mask`. logp, old_logp, adv, mask: (B, R).
+    shift: router-shift weights (B, R) that rescale the ratio before clipping (RSPO), 1 for plain PPO.
     Returns loss, clip fraction, approx KL (old || new)."""
     log_ratio = torch.where(mask, logp - old_logp, 0)
-    ratio = log_ratio.exp()
+    ratio = log_ratio.exp() * shift
     surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    clipped = (ratio - 1).abs() > clip
-    return masked_mean(surrogate, mask), masked_mean(clipped.float(), mask), masked_mean(-log_ratio, mask)
+    return masked_mean(surrogate, mask), clip_fraction(ratio, mask, clip), masked_mean(-log_ratio, mask)
+
+
+def router_shift_weight(logp_new, logp_old, floor):
+    """RSPO's router-shift weight: gamma = max(floor, exp(-mean_d |log p_new(k_d) - log p_old(k_d)|)) over the D
+    routing decisions d that produced a sample (k_d: the expert chosen in the rollout). logp_new, logp_old: (..., D).
+    Detached: it rescales the ratio, it is not trained through. 1 when the router has not changed."""
+    return (-(logp_new - logp_old).abs().mean(-1)).exp().clamp(min=floor).detach()
 
 
 def kl_k3(logp, ref_logp, mask):
@@ -462,7 +490,9 @@ class Agent(nn.Module):
 
     def response_logprobs(self, seqs, prompt_lens, resp_lens, temperature, gates, experts_on=True):
         """Log-probs (B, R) and entropies (B, R) of each response token at the sampling temperature, from one
-        plain forward over prompt + response (right-padded). gates (B, 1, K) or None (token routing)."""
+        plain forward over prompt + response (right-padded). gates (B, 1, K) or None (token routing).
+        Also returns the mask (B, R) and, for token routing, each layer's router probabilities at the position
+        that predicts each response token (B, R, layers, K); else None."""
         B, R = len(seqs), max(resp_lens)
         ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.tok.pad_token_id).to(self.device)
         attn = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs],
@@ -473,13 +503,18 @@ class Agent(nn.Module):
         pos = (pl[:, None] + j[None] - 1).clamp(max=ids.shape[1] - 1)  # position predicting response token j
         with self.routing(gates) if experts_on else contextlib.nullcontext():
             hidden = self.lm.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+        routes = None
+        if experts_on and self.routing.token_probs:
+            K = self.routing.token_probs[0].shape[-1]
+            routes = torch.stack([p.gather(1, pos[..., None].expand(-1, -1, K)) for p in self.routing.token_probs],
+                                 2)  # (B, R, layers, K)
         hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
         logits = self.lm.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
         logp_all = F.log_softmax(logits, dim=-1)
         targets = ids.gather(1, (pos + 1).clamp(max=ids.shape[1] - 1))
         logp = logp_all.gather(-1, targets[..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return torch.where(mask, logp, 0), torch.where(mask, entropy, 0), mask
+        return torch.where(mask, logp, 0), torch.where(mask, entropy, 0), mask, routes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -623,13 +658,16 @@ def prepare_batch(agent, R):
     # the trajectory router decides once, from the window of the episode's first step
     first = torch.tensor([pos[(n, 0)] for n in R["lane"]], device=dev)
     B["router_windows"] = windows[first] if a.routing == "trajectory" else windows
-    B["old_logp"], B["ref_logp"] = [], []
+    B["old_logp"], B["ref_logp"], B["old_routes"] = [], [], []
     for mb in torch.arange(len(R["seq"])).split(a.minibatch):
         seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
-        old = agent.response_logprobs(seqs, pl, rl, a.temperature, step_gates_for(agent, mb.to(dev), B["k"]))[0]
+        old, _, _, routes = agent.response_logprobs(seqs, pl, rl, a.temperature,
+                                                    step_gates_for(agent, mb.to(dev), B["k"]))
         ref = agent.response_logprobs(seqs, pl, rl, a.temperature, None, experts_on=False)[0]
         B["old_logp"] += [lp[:n] for lp, n in zip(old, rl)]
         B["ref_logp"] += [lp[:n] for lp, n in zip(ref, rl)]
+        if routes is not None:  # token routing: the rollout's probabilities of every token's route, per layer
+            B["old_routes"] += [r[:n] for r, n in zip(routes, rl)]  # (R, layers, K) each
     return B
 
 
@@ -644,6 +682,7 @@ def ppo_update(agent, opt, R, B, tau_state):
             mb = mb.to(dev)
             lanes, k = B["lanes"][mb], B["k"][mb]
             router_logratio, aux = torch.zeros(len(mb), device=dev), torch.zeros((), device=dev)
+            route_logp_new = route_logp_old = torch.zeros(len(mb), 1, 1, device=dev)  # (B, R, decisions): none
             gates = step_gates_for(agent, mb, B["k"])
             if agent.router is not None:
                 tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
@@ -653,21 +692,39 @@ def ppo_update(agent, opt, R, B, tau_state):
                 p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl],
                                          tau).chunk(2)  # (B, K) each
                 gates = step_gates(p, k, a.router_grad == "st")
+                logp_k = p.gather(1, k[:, None])[:, 0].log()  # log p_t(k_t) of the expert chosen in the rollout
+                route_logp_new, route_logp_old = logp_k[:, None, None], B["router_logp"][mb][:, None, None]
                 if a.router_grad == "pg":  # the expert choice is part of the action: it joins the PPO ratio
-                    router_logratio = p.gather(1, k[:, None])[:, 0].log() - B["router_logp"][mb]
+                    router_logratio = logp_k - B["router_logp"][mb]
                 sw = switch_penalty(p, p_next, nxt >= 0)
                 aux = a.switch_coef * sw + a.balance_coef * load_balance(p)
                 stats["switch_penalty"].append(float(sw.detach()))
                 stats["router_entropy"].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean().detach()))
-            logp, ent, mask = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)
+            logp, ent, mask, routes = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)
             if a.routing == "token":  # balance of every layer's token router over the real tokens
                 real = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs],
                                                  batch_first=True).to(dev)
                 aux = a.balance_coef * torch.stack([load_balance(pr[real]) for pr in agent.routing.token_probs]).mean()
+                old_routes = nn.utils.rnn.pad_sequence([B["old_routes"][i] for i in mb], batch_first=True,
+                                                       padding_value=1.0)  # (B, R, layers, K)
+                k_old = old_routes.argmax(-1, keepdim=True)  # each token's expert per layer in the rollout
+                route_logp_new = routes.gather(-1, k_old)[..., 0].log()  # (B, R, layers)
+                route_logp_old = old_routes.gather(-1, k_old)[..., 0].log()
             old = nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb], batch_first=True)  # (B, R)
             ref = nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb], batch_first=True)
             adv = B["adv"][mb][:, None].expand_as(logp)  # the step's advantage on every one of its tokens
-            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp + router_logratio[:, None], old, adv, mask, a.clip)
+            # RSPO: one weight per token (token routing: its layers' decisions; phase/trajectory: the step's or
+            # episode's decision, shared by all its tokens; dense: no decision, weight 1)
+            shift = router_shift_weight(route_logp_new, route_logp_old, a.router_shift_floor).expand_as(logp)
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp + router_logratio[:, None], old, adv, mask, a.clip,
+                                                           shift if a.router_shift else 1.0)
+            plain_ratio = torch.where(mask, logp + router_logratio[:, None] - old, 0).exp().detach()
+            used_ratio = plain_ratio * shift if a.router_shift else plain_ratio
+            stats["ratio_var"].append(float(masked_mean((used_ratio - masked_mean(used_ratio, mask)) ** 2, mask)))
+            if a.router_shift:
+                stats["rs_gamma"].append(float(masked_mean(shift, mask)))
+                stats["rs_at_floor"].append(float(masked_mean((shift <= a.router_shift_floor).float(), mask)))
+                stats["clipfrac_plain"].append(float(clip_fraction(plain_ratio, mask, a.clip)))
             kl = kl_k3(logp, ref, mask)
             entropy = masked_mean(ent, mask)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
