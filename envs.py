@@ -1,15 +1,25 @@
-"""Text environments for PA-MoE: one small interface, a toy ALFWorld in miniature, the prompt and the
-projection from model text to a command.
+"""Text environments for PA-MoE: one small interface, a toy ALFWorld in miniature, real ALFWorld (the `alfworld`
+package's text engine) with an offline mini game set, the prompt and the projection from model text to a command.
 
 Interface (every env, batched over N lanes stepped in lockstep):
     batch.reset(seeds)  -> list of (observation, info)
     batch.step(actions) -> list of (observation, reward, terminated, truncated, info), None for a lane
                            whose action is None (its episode already ended)
-    info: goal, admissible (list of commands), task_type, won, and phase: the hidden phase of the state the
-    agent is now in (find / take / transform / carry / place). Phases serve analysis only, never training.
+    batch.step_phase(info, command) -> the phase label of a step (analysis only, never training): toy, the hidden
+                           phase of the state (find / take / transform / carry / place); alfworld, the verb's phase
+    info: goal, admissible (list of commands), task_type, won (toy: also phase; alfworld: also game)
+
+Command line:
+    python envs.py make-alfworld-mini DIR    the offline mini ALFWorld game set (then --alfworld_data DIR)
 """
+import contextlib
+import json
+import os
 import random
 import re
+import select
+import subprocess
+import sys
 
 # ---------------------------------------------------------------------------------------------------------
 # Toy env: ALFWorld in miniature. A room with places, one target object and one distractor. Tasks run through
@@ -136,14 +146,369 @@ class ToyBatch:
     def step(self, actions):
         return [None if a is None else env.step(a) for env, a in zip(self.envs, actions)]
 
+    def step_phase(self, info, command):
+        """Phase label of a step (analysis only): the phase of the state the agent acted in."""
+        return info["phase"]
+
     def close(self):
         pass
 
 
-def make_env_batch(name, n, max_steps):
+# ---------------------------------------------------------------------------------------------------------
+# ALFWorld: the real `alfworld` package (0.4.2, text engine), one worker subprocess per lane. AlfredTWEnv finds
+# and checks the games of a split; each worker plays the games it is given with the same TextWorld PDDL engine
+# and wrappers that AlfredTWEnv.init_env uses. Own workers instead of init_env's gym batch because the seed must
+# choose the game (fixed evaluation games, per-task-type tables) and a dead or hung game must be reported with
+# its file and replaced, not take the run down.
+# ---------------------------------------------------------------------------------------------------------
+ALFWORLD_SPLITS = {"train": "train", "eval_in_distribution": "valid_seen", "eval_out_of_distribution": "valid_unseen"}
+ALFWORLD_TASKS = {"pick_and_place_simple": "Pick", "look_at_obj_in_light": "Look",
+                  "pick_clean_then_place_in_recep": "Clean", "pick_heat_then_place_in_recep": "Heat",
+                  "pick_cool_then_place_in_recep": "Cool", "pick_two_obj_and_place": "Pick2"}
+ALFWORLD_PHASES = {"go": "navigate", "take": "manipulate", "move": "manipulate", "put": "manipulate",
+                   "heat": "transform", "cool": "transform", "clean": "transform", "use": "transform",
+                   "slice": "transform", "look": "explore", "examine": "explore", "inventory": "explore",
+                   "open": "explore", "close": "explore"}
+STEP_TIMEOUT = 60.0  # seconds a worker may take for one reset or step before it counts as hung
+
+
+def alfworld_data_error(data, splits=("train",)):
+    """None if `data` holds ALFWorld games of these splits (official or the mini set), else the message that names
+    the fixes."""
+    missing = [ALFWORLD_SPLITS[s] for s in splits if not os.path.isdir(os.path.join(data, "json_2.1.1",
+                                                                                    ALFWORLD_SPLITS[s]))]
+    if data and not missing:
+        return None
+    where = f"no ALFWorld games under {data!r} (expected {data}/json_2.1.1/{missing[0]})" if data else \
+        "no ALFWorld data: pass --alfworld_data DIR or set ALFWORLD_DATA"
+    return (f"{where}. With internet: `ALFWORLD_DATA=DIR alfworld-download` (the official games, once). Offline: "
+            f"`python envs.py make-alfworld-mini DIR` (the project's small game set), then --alfworld_data DIR")
+
+
+def alfworld_games(data, split):
+    """Game files of a split that AlfredTWEnv accepts (all six task types), in a fixed shuffled order."""
+    os.environ["ALFWORLD_DATA"] = data  # importing alfworld would create ~/.cache/alfworld otherwise
+    import alfworld.info
+    from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
+    root = os.path.join(data, "json_2.1.1", ALFWORLD_SPLITS[split])
+    config = {"env": {"goal_desc_human_anns_prob": 0.0, "regen_game_files": False, "task_types": [1, 2, 3, 4, 5, 6]},
+              "logic": {"domain": alfworld.info.ALFRED_PDDL_PATH, "grammar": alfworld.info.ALFRED_TWL2_PATH},
+              "dataset": {"data_path": root, "eval_id_data_path": root, "eval_ood_data_path": root,
+                          "num_train_games": -1, "num_eval_games": -1}}
+    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays the training log
+        files = sorted(AlfredTWEnv(config, train_eval=split).game_files)
+    if not files:
+        raise SystemExit(f"envs.py: error: no playable games in {root}; " + alfworld_data_error(None).split(". ", 1)[1])
+    random.Random(0).shuffle(files)  # neighbouring seeds get mixed task types
+    return files
+
+
+class EnvWorkerError(RuntimeError):
+    pass
+
+
+class AlfworldWorker:
+    """One `python envs.py alfworld-worker` subprocess, spoken to in JSON lines; started on first use."""
+
+    def __init__(self, data):
+        self.data, self.game, self.proc = data, None, None
+
+    def send(self, request):
+        """A reset (re)starts a dead worker; a step to a dead one is left for receive() to report."""
+        if request["cmd"] == "reset" and (self.proc is None or self.proc.poll() is not None):
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "alfworld-worker"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         env=dict(os.environ, ALFWORLD_DATA=self.data))
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # a dead worker: receive() reports it
+            pass
+
+    def receive(self):
+        if self.proc is None:
+            raise EnvWorkerError(f"ALFWorld worker died earlier, on {self.game}")
+        ready, _, _ = select.select([self.proc.stdout], [], [], STEP_TIMEOUT)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.endswith("\n"):  # end of its output (or half a reply): it died; no output in time: it hangs
+            try:
+                why = f"died (exit code {self.proc.wait(timeout=5)})" if ready else "hung"
+            except subprocess.TimeoutExpired:
+                why = "closed its output"
+            self.kill()
+            raise EnvWorkerError(f"ALFWorld worker {why} on {self.game}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise EnvWorkerError(f"ALFWorld failed on {self.game}: {reply['error']}")
+        return reply
+
+    def kill(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "close"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+def alfworld_worker():
+    """The worker's loop: reset to a game file or step it; reply with observation, admissible commands, won."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the engine prints goes to stderr, never into the protocol
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+    request = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
+    env = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "close":
+            break
+        try:
+            if msg["cmd"] == "reset":
+                if env is None:
+                    env = textworld.start(msg["game"], request_infos=request,
+                                          wrappers=[AlfredDemangler(), AlfredInfos])
+                else:
+                    env.load(msg["game"])
+                state = env.reset()
+            else:
+                state, _, _ = env.step(msg["action"])
+            reply = {"obs": state.feedback, "admissible": list(state.admissible_commands), "won": bool(state.won)}
+        except Exception as e:  # reported by the parent, with the game file
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+        proto.flush()
+
+
+class AlfworldBatch:
+    """N ALFWorld games stepped in lockstep: lane n of reset(seeds) plays game seeds[n] mod (number of games) of the
+    split. Reward 10 on the win; an episode ends on the win (terminated) or after max_steps (truncated). A worker
+    that dies or hangs mid-episode is reported with its game file on stderr, its lane's episode ends there as
+    truncated (info["error"]), and the worker is restarted on the next reset; a game that fails to reset twice
+    raises EnvWorkerError."""
+
+    def __init__(self, n, max_steps, data, split):
+        self.files, self.max_steps, self.data = alfworld_games(data, split), max_steps, data
+        self.workers = [AlfworldWorker(data) for _ in range(n)]
+        self.t, self.goal, self.task_type = [0] * n, [""] * n, [""] * n
+
+    def _info(self, n, reply):
+        return {"goal": self.goal[n], "admissible": [c for c in reply["admissible"] if c != "help"],
+                "task_type": self.task_type[n], "won": reply["won"], "game": self.workers[n].game}
+
+    def reset(self, seeds):
+        assert len(seeds) == len(self.workers), f"need {len(self.workers)} seeds, got {len(seeds)}"
+        for n, (w, s) in enumerate(zip(self.workers, seeds)):
+            w.game, self.t[n] = self.files[s % len(self.files)], 0
+            self.task_type[n] = ALFWORLD_TASKS[os.path.basename(os.path.dirname(os.path.dirname(w.game))).split("-")[0]]
+            w.send({"cmd": "reset", "game": w.game})
+        out = []
+        for n, w in enumerate(self.workers):
+            try:
+                reply = w.receive()
+            except EnvWorkerError as e:  # one retry on a fresh worker, then give up loudly
+                print(f"envs.py: {e}; retrying", file=sys.stderr)
+                w.kill()
+                w.send({"cmd": "reset", "game": w.game})
+                try:
+                    reply = w.receive()
+                except EnvWorkerError:
+                    for other in self.workers:  # replies left unread would answer the wrong requests later
+                        other.kill()
+                    raise
+            intro, _, goal = reply["obs"].partition("Your task is to: ")
+            self.goal[n] = goal.strip()
+            obs = intro.split("=-", 2)[-1].strip()  # drop the "-= Welcome to TextWorld, ALFRED! =-" banner
+            out.append((obs, self._info(n, reply)))
+        return out
+
+    def step(self, actions):
+        for w, a in zip(self.workers, actions):
+            if a is not None:
+                w.send({"cmd": "step", "action": a})
+        out = []
+        for n, (w, a) in enumerate(zip(self.workers, actions)):
+            if a is None:
+                out.append(None)
+                continue
+            self.t[n] += 1
+            try:
+                reply = w.receive()
+            except EnvWorkerError as e:
+                print(f"envs.py: {e}; its episode ends here (truncated)", file=sys.stderr)
+                out.append(("The game stopped responding.", 0.0, False, True,
+                            {**self._info(n, {"admissible": [], "won": False}), "error": str(e)}))
+                continue
+            won = reply["won"]
+            out.append((reply["obs"], WIN_REWARD * won, won, not won and self.t[n] >= self.max_steps,
+                        self._info(n, reply)))
+        return out
+
+    def step_phase(self, info, command):
+        """Phase label of a step (analysis only), from the verb of the command taken; None: invalid output."""
+        return ALFWORLD_PHASES.get(command.split()[0], "other") if command else "invalid"
+
+    def close(self):
+        for w in self.workers:
+            w.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The mini ALFWorld game set (offline): PDDL problems written here, in the official folder layout, played by the
+# real engine. Rooms are lists of receptacle types (* = openable); every room has a sink basin, a microwave, a
+# fridge and a desk lamp so that all six task types fit. Train and in-distribution games share rooms 0-2 with
+# different placements; out-of-distribution games use room 3 only.
+# ---------------------------------------------------------------------------------------------------------
+MINI_ROOMS = [
+    ["CounterTop", "CounterTop", "DiningTable", "Shelf", "Cabinet*", "Drawer*", "SideTable", "GarbageCan"],
+    ["Sofa", "CoffeeTable", "SideTable", "Shelf", "Drawer*", "Dresser", "CounterTop", "GarbageCan"],
+    ["Bed", "Desk", "SideTable", "Dresser", "Drawer*", "Shelf", "CounterTop", "Cabinet*"],
+    ["ArmChair", "CoffeeTable", "DiningTable", "Cabinet*", "CounterTop", "SideTable", "Desk", "Safe*"],
+]
+MINI_APPLIANCES = ["SinkBasin", "Microwave*", "Fridge*"]
+FOOD = ("clean", "heat", "cool")
+MINI_OBJECTS = {  # object type -> what can be done to it besides taking it
+    "Apple": FOOD, "Tomato": FOOD, "Potato": FOOD, "Egg": FOOD, "Mug": FOOD, "Cup": FOOD, "Bowl": FOOD,
+    "Plate": FOOD, "Cloth": ("clean",), "SoapBar": ("clean",), "Book": (), "CellPhone": (), "KeyChain": (),
+    "Pencil": (), "CD": (), "AlarmClock": (), "CreditCard": (), "Watch": ()}
+MINI_TRANSFORM = {"pick_clean_then_place_in_recep": ("clean", "SinkBasin"),  # task -> (verb, appliance type)
+                  "pick_heat_then_place_in_recep": ("heat", "Microwave"),
+                  "pick_cool_then_place_in_recep": ("cool", "Fridge")}
+MINI_SPLITS = {"train": ([0, 1, 2], 3), "valid_seen": ([0, 1, 2], 2), "valid_unseen": ([3], 2)}  # rooms, games/type
+
+
+def mangle(kind, i, j, suffix=""):
+    """An ALFRED-style id: Type|+0i.00|+00.90|+0j.00, with | . + spelt out as the engine expects."""
+    return f"{kind}_bar__plus_0{i}_dot_00_bar__plus_00_dot_90_bar__plus_0{j}_dot_{i}{j}" + suffix
+
+
+def demangled_names(ids):
+    """The names the engine shows (replicating alfworld's Demangler): per type, ids in sorted order are numbered
+    from the count down to 1; a sink basin reads `sinkbasin`."""
+    count, names = {}, {}
+    kinds = {i: i.split("_bar_", 1)[0] + ("basin" if "basin" in i.lower() else "") for i in ids}
+    for i in sorted(ids):
+        count[kinds[i]] = count.get(kinds[i], 0) + 1
+    left = {k: list(range(1, c + 1)) for k, c in count.items()}
+    for i in sorted(ids):
+        names[i] = f"{kinds[i].lower()} {left[kinds[i]].pop()}"
+    return names
+
+
+def mini_game(task, room, rng):
+    """One game: (PDDL problem text, traj_data, solution commands)."""
+    import alfworld.gen.goal_library as glib
+    import alfworld.gen.constants as constants
+    receps = [(r.rstrip("*"), r.endswith("*")) for r in MINI_ROOMS[room] + MINI_APPLIANCES]
+    rids = [mangle(k, i, room) + ("_bar_SinkBasin" if k == "SinkBasin" else "") for i, (k, _) in enumerate(receps)]
+    rids = [r.replace("SinkBasin_bar_", "Sink_bar_", 1) for r in rids]
+    openable = {rid for rid, (_, o) in zip(rids, receps) if o}
+    surfaces = [rid for rid, (k, o) in zip(rids, receps) if not o and k not in ("SinkBasin", "GarbageCan")]
+    lamp_home = next(rid for rid, (k, _) in zip(rids, receps) if k in ("SideTable", "Desk"))
+    verb, appliance = MINI_TRANSFORM.get(task, (None, None))
+    otype = rng.choice([o for o, can in MINI_OBJECTS.items() if verb is None or verb in can])
+    n_target = 2 if task == "pick_two_obj_and_place" else 1
+    starts = rng.sample([s for s in surfaces if s != lamp_home or task != "look_at_obj_in_light"], n_target + 1)
+    goal_recep = starts[-1]  # the target receptacle holds none of the target objects at the start
+    others = [o for o in MINI_OBJECTS if o != otype]
+    objects = [(otype, starts[i]) for i in range(n_target)]
+    objects += [(rng.choice(others), rng.choice(surfaces + sorted(openable))) for _ in range(3)]  # distractors
+    oids = [mangle(k, 10 + n, room) for n, (k, _) in enumerate(objects)]
+    lamp = mangle("DeskLamp", 9, room)
+    names = demangled_names(rids + oids + [lamp])
+    rtype = dict(zip(rids, (k for k, _ in receps)))
+    locs = {rid: f"loc_bar_{i}_bar_{room}_bar_1_bar_45" for i, rid in enumerate(rids)}
+    init = ["(atLocation agent1 loc_bar_0_bar_0_bar_0_bar_30)"]
+    for rid in rids:
+        init += [f"(receptacleType {rid} {rtype[rid]}Type)", f"(receptacleAtLocation {rid} {locs[rid]})"]
+        init += [f"(openable {rid})"] if rid in openable else []
+    for oid, (k, where) in zip(oids + [lamp], objects + [("DeskLamp", lamp_home)]):
+        init += [f"(objectType {oid} {k}Type)", f"(inReceptacle {oid} {where})",
+                 f"(objectAtLocation {oid} {locs[where]})"]
+        init += [f"(pickupable {oid})"] if k != "DeskLamp" else [f"(toggleable {oid})"]
+        init += [f"({v}able {oid})" for v in MINI_OBJECTS.get(k, ())]
+    init += [f"(canContain {r}Type {o}Type)" for r in sorted(set(rtype.values()))
+             for o in sorted({k for k, _ in objects})]
+    params = {"object_target": otype, "parent_target": "" if task == "look_at_obj_in_light" else rtype[goal_recep],
+              "toggle_target": "DeskLamp" if task == "look_at_obj_in_light" else "", "mrecep_target": "",
+              "object_sliced": False}
+    # the library's goal closes the (define ...) too; its variables are typed with '#'
+    goal = glib.gdict[task]["pddl"].format(obj=otype, recep=params["parent_target"], toggle="DeskLamp", mrecep="")
+    # a name that is both (Bowl, Mug, ArmChair...) is a receptacle type only where this room uses it as one
+    kinds = {**{t: "rtype" for t in constants.RECEPTACLES}, **{t: "otype" for t in constants.OBJECTS},
+             **{t: "rtype" for t in rtype.values()}}
+    problem = "\n".join(["(define (problem plan_mini)", "(:domain alfred)", "(:objects", "agent1 - agent",
+                         *[f"{t}Type - {k}" for t, k in sorted(kinds.items())],
+                         *[f"{o} - object" for o in oids + [lamp]], *[f"{r} - receptacle" for r in rids],
+                         "loc_bar_0_bar_0_bar_0_bar_30 - location", *[f"{loc} - location" for loc in locs.values()],
+                         ")", "(:init", *init, ")", goal.replace("#", "-")])
+    traj = {"task_type": task, "task_id": f"trial_mini_{rng.randrange(10**6):06d}", "pddl_params": params,
+            "turk_annotations": {"anns": []}}
+    solution = []
+    for oid in oids[:n_target]:
+        where, obj = names[dict(zip(oids, (w for _, w in objects)))[oid]], names[oid]
+        solution += [f"go to {where}", f"take {obj} from {where}"]
+        if verb:
+            app = names[next(r for r in rids if rtype[r] == appliance)]
+            solution += [f"go to {app}", f"{verb} {obj} with {app}"]
+        if task == "look_at_obj_in_light":
+            solution += [f"go to {names[lamp_home]}", f"use {names[lamp]}"]
+        else:
+            solution += [f"go to {names[goal_recep]}", f"move {obj} to {names[goal_recep]}"]
+    return problem, traj, solution
+
+
+def make_alfworld_mini(root, seed=0):
+    """Write the mini game set under root/json_2.1.1/<split>/<task>-<Obj>-None-<Recep>-<room>/<trial>/ with the
+    files AlfredTWEnv reads (traj_data.json, initial_state.pddl, game.tw-pddl) plus solution.json (a winning
+    command sequence, for tests)."""
+    import alfworld.info
+    from alfworld.agents.utils.misc import add_task_to_grammar
+    domain, grammar = open(alfworld.info.ALFRED_PDDL_PATH).read(), open(alfworld.info.ALFRED_TWL2_PATH).read()
+    rng, count = random.Random(seed), 0
+    for split, (rooms, per_type) in MINI_SPLITS.items():
+        for task in ALFWORLD_TASKS:
+            for g in range(per_type):
+                room = rooms[g % len(rooms)]
+                problem, traj, solution = mini_game(task, room, rng)
+                p = traj["pddl_params"]
+                folder = os.path.join(root, "json_2.1.1", split, f"{task}-{p['object_target']}-None-"
+                                      f"{p['parent_target'] or p['toggle_target']}-{room}{g}", traj["task_id"])
+                os.makedirs(folder, exist_ok=True)
+                files = {"traj_data.json": json.dumps(traj, indent=1), "initial_state.pddl": problem,
+                         "game.tw-pddl": json.dumps({"pddl_domain": domain, "solvable": True, "walkthrough": None,
+                                                     "grammar": add_task_to_grammar(grammar, traj, rng=rng),
+                                                     "pddl_problem": problem}),
+                         "solution.json": json.dumps(solution)}
+                for name, text in files.items():
+                    with open(os.path.join(folder, name), "w") as f:
+                        f.write(text)
+                count += 1
+    return count
+
+
+ENVS = ("toy", "alfworld")
+TASK_COLUMNS = {"toy": TASK_TYPES, "alfworld": list(ALFWORLD_TASKS.values())}  # evaluation table order
+
+
+def make_env_batch(name, n, max_steps, split="train", data=None):
+    """toy: every split draws from the same generator (training and evaluation seeds never meet);
+    alfworld: the split's games under `data`."""
     if name == "toy":
         return ToyBatch(n, max_steps)
-    raise ValueError(f"unknown env {name!r}; use --env toy")
+    if name == "alfworld":
+        return AlfworldBatch(n, max_steps, data, split)
+    raise ValueError(f"unknown env {name!r}; use one of {ENVS}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,14 +554,33 @@ def parse_action(text, admissible):
         if not (think and act):
             return None, False
         text = act.group(1).strip()
-    if text.isdigit() and 1 <= int(text) <= len(listed):
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= len(listed):
         return listed[int(text) - 1], True
     cmd = " ".join(text.lower().split())
     return (cmd, True) if cmd in listed else (None, False)
 
 
-def vocabulary(max_labels=60):
-    """Every word the toy env and the prompt can produce: the vocabulary of the `tiny` model's tokenizer."""
+# What ALFWorld's engine says, for the `tiny` model's word-level vocabulary (words outside it read as <unk>)
+ALFWORLD_TEXT = """You are in the middle of a room. Looking quickly around you, you see a cabinet 1, and a drawer 2.
+You arrive at countertop 1. On the countertop 1, you see a apple 1, an egg 2, and nothing. The fridge 1 is closed.
+You open the fridge 1. The fridge 1 is open. In it, you see a lettuce 1. You close the drawer 1. Nothing happens.
+You pick up the apple 1 from the countertop 1. You move the apple 1 to the shelf 1. You put the mug 1 in/on it.
+You heat the apple 1 using the microwave 1. You cool the apple 1 using the fridge 1. You clean the apple 1 using
+the sinkbasin 1. You turn on the desklamp 1. You turn off the floorlamp 1. You are carrying: a book 1. You are not
+carrying anything. This is a normal book 1. There's nothing special about it. Your task is to: put some apple on
+countertop. put a clean apple in fridge. put a hot apple in fridge. put a cool apple in fridge. find two apple and
+put them in cabinet. look at book under the desklamp. examine the book with the desklamp. go to take move put in on
+open close use heat cool clean slice examine inventory look help with from to."""
+
+
+def vocabulary(env="toy", max_labels=60):
+    """Every word the toy env and the prompt can produce: the vocabulary of the `tiny` model's tokenizer. For
+    alfworld: also the engine's sentences and every object and receptacle type alfworld knows."""
+    if env == "alfworld":
+        import alfworld.gen.constants as constants
+        names = [n.lower() for n in [*constants.OBJECTS, *constants.RECEPTACLES, "SinkBasin", "BathtubBasin"]]
+        words = set(vocabulary("toy", max_labels=200)) | set(re.findall(r"\w+|[^\w\s]", ALFWORLD_TEXT)) | set(names)
+        return sorted(words)
     env, texts = ToyEnv(max_steps=100), list(ANSWER.values())
     for seed in range(100):  # solved episodes, probing a bad command at every state
         obs, info = env.reset(seed)
@@ -208,3 +592,13 @@ def vocabulary(max_labels=60):
             obs, _, _, _, info = env.step(env.solve())
     words = {w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)}
     return sorted(words | {str(i) for i in range(max_labels + 1)})
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["alfworld-worker"]:
+        alfworld_worker()
+    elif sys.argv[1:2] == ["make-alfworld-mini"] and len(sys.argv) == 3:
+        n = make_alfworld_mini(sys.argv[2])
+        print(f"wrote {n} games under {sys.argv[2]}/json_2.1.1; use --env alfworld --alfworld_data {sys.argv[2]}")
+    else:
+        sys.exit("usage: python envs.py make-alfworld-mini DIR   (writes the offline mini ALFWorld game set)")

@@ -7,7 +7,8 @@ temporal-consistency penalty keeps the router from switching experts without rea
 behavioural phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
 
 Run:
-    bash run.sh                         # CPU: toy env + `tiny` model, ~10 min on 2 cores; CUDA: see README
+    bash run.sh                         # CPU: toy env + `tiny` model, ~10 min on 2 cores; CUDA: ALFWorld, README
+    python pamoe.py --env alfworld --alfworld_data DIR    # real ALFWorld (official games or the mini set)
     python pamoe.py --help              # every flag
     python pamoe.py --routing token     # the ablations: phase (default) | token | trajectory | dense
     python pamoe.py --resume runs/pamoe/checkpoint.pt
@@ -35,6 +36,10 @@ Where this departs from the paper (and why):
   value (top-1 times its probability); `--router_grad` does not apply to it. Its "expert of a step", used only
   for switch counts and usage tables, is the expert chosen most often over all layers and tokens of that step.
 - The diversity term (lambda_div) of the paper is not implemented (unused in the released code too).
+- ALFWorld (`--env alfworld`, envs.py): the real alfworld 0.4.2 text engine, but one worker process per
+  environment instead of AlfredTWEnv.init_env's gym batch, so that the seed chooses the game (fixed evaluation
+  games, per-type tables) and a dead or hung game is reported and replaced. run.sh scales the paper's 128
+  environments per iteration to 32 on one GPU and samples with HF generate (the paper's pipeline: vLLM).
 - `--router_shift true` adds RSPO's router-shift rescaling (arXiv 2510.23027, not part of PA-MoE): each token's
   PPO ratio is multiplied, before clipping, by gamma = max(floor, exp(-mean |log p_new(k_old) - log p_old(k_old)|))
   over the routing decisions that produced it (token routing: its expert in every layer; phase: the step's expert;
@@ -52,6 +57,7 @@ Where this departs from the paper (and why):
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -77,7 +83,11 @@ def arg(default, help):
 @dataclass
 class Args:
     # run
-    env: str = arg("toy", "environment: toy")
+    env: str = arg("toy", "environment: toy | alfworld")
+    alfworld_data: str = arg("", "alfworld: data folder (default $ALFWORLD_DATA): the official games, or the mini set "
+                                 "that `python envs.py make-alfworld-mini DIR` writes")
+    eval_split: str = arg("eval_in_distribution", "alfworld: evaluation split, eval_in_distribution (seen) | "
+                                                  "eval_out_of_distribution (unseen)")
     model: str = arg("tiny", "`tiny` (built from a config, no download) or a Hugging Face name / local path")
     device: str = arg("auto", "auto | cpu | cuda")
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
@@ -87,6 +97,7 @@ class Args:
     num_envs: int = arg(32, "environments stepped in lockstep per iteration (one episode each)")
     max_steps: int = arg(20, "step limit per episode (truncation, bootstrapped)")
     history: int = arg(2, "past observation/action pairs shown in the prompt")
+    max_prompt_tokens: int = arg(2048, "prompt limit: the oldest history is dropped to fit, then the left is cut")
     action_format: str = arg("label", "label (number of an admissible action) | tagged (<think>/<action>)")
     max_new_tokens: int = arg(1, "response length limit per step (512 for the tagged format)")
     tiny_format_steps: int = arg(150, "`tiny` only: supervised steps teaching the base the answer format")
@@ -134,7 +145,15 @@ class Args:
         def need(ok, msg):
             if not ok:
                 raise SystemExit(f"pamoe.py: error: {msg}")
-        need(self.env in ("toy",), f"unknown --env {self.env!r}; use toy")
+        need(self.env in envs.ENVS, f"unknown --env {self.env!r}; use toy or alfworld")
+        if self.env == "alfworld":
+            need(importlib.util.find_spec("alfworld") is not None,
+                 "--env alfworld needs the alfworld package: pip install alfworld==0.4.2 (bash run.sh installs it)")
+            self.alfworld_data = self.alfworld_data or os.environ.get("ALFWORLD_DATA", "")
+            need(self.eval_split in envs.ALFWORLD_SPLITS and self.eval_split != "train",
+                 f"unknown --eval_split {self.eval_split!r}; use eval_in_distribution or eval_out_of_distribution")
+            error = envs.alfworld_data_error(self.alfworld_data, ("train", self.eval_split))
+            need(error is None, error)
         need(self.routing in ("phase", "token", "trajectory", "dense"),
              f"unknown --routing {self.routing!r}; use phase, token, trajectory or dense")
         need(self.router_grad in ("st", "pg"), f"unknown --router_grad {self.router_grad!r}; use st or pg")
@@ -145,6 +164,7 @@ class Args:
         need(self.router_window >= 1, f"--router_window must be >= 1 (got {self.router_window})")
         need(min(self.num_envs, self.max_steps, self.minibatch, self.epochs, self.max_new_tokens) >= 1,
              "--num_envs, --max_steps, --minibatch, --epochs and --max_new_tokens must be >= 1")
+        need(self.max_prompt_tokens >= 64, f"--max_prompt_tokens must be >= 64 (got {self.max_prompt_tokens})")
         need(self.iterations >= 0 and self.ckpt_every >= 1 and self.eval_every >= 0,
              "--iterations and --eval_every must be >= 0, --ckpt_every >= 1")
         need(self.temperature > 0 and self.eval_temperature > 0, "temperatures must be > 0")
@@ -198,10 +218,12 @@ def build_tiny(vocab, seed):
     return Qwen2ForCausalLM(config), tok
 
 
-def step_prompt(args, info, obs, history, t):
-    """The prompt of one env step: task, step count, the last --history observations/actions, admissible actions."""
-    return envs.build_prompt(info["goal"], obs, history[-args.history:] if args.history else [], info["admissible"],
-                             t, args.max_steps, args.action_format)
+def step_prompt(args, info, obs, history, t, keep=None):
+    """The prompt of one env step: task, step count, the last `keep` (default --history) observation/action pairs,
+    admissible actions."""
+    keep = args.history if keep is None else keep
+    return envs.build_prompt(info["goal"], obs, history[-keep:] if keep else [], info["admissible"], t,
+                             args.max_steps, args.action_format)
 
 
 def teach_answer_format(model, tok, args, batch=32):
@@ -210,24 +232,28 @@ def teach_answer_format(model, tok, args, batch=32):
     answers in the requested format. No task skill is taught: prompts come from random-action episodes and
     every listed label is an equally good target. Without it a random 150-word output layer spends most of
     the run learning to emit a number, and collapses before it ever solves a task."""
+    if args.tiny_format_steps == 0:
+        return
     rng = random.Random(args.seed)
-    env_batch = envs.make_env_batch(args.env, batch, args.max_steps)
-    prompts, n_labels = [], []
-    for ep in range(4):
-        obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])  # seeds disjoint from training
-        history, live = [[] for _ in range(batch)], [True] * batch
-        for t in range(args.max_steps):
-            actions = [None] * batch
-            for n, (obs, info) in enumerate(obs_info):
-                if live[n]:
-                    listed = envs.listed_actions(info["admissible"])
-                    prompts.append(step_prompt(args, info, obs, history[n], t))
-                    n_labels.append(len(listed))
-                    actions[n] = rng.choice(listed)
-                    history[n].append((obs, actions[n]))
-            for n, res in enumerate(env_batch.step(actions)):
-                if res is not None:
-                    obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
+    env_batch = envs.make_env_batch(args.env, batch, args.max_steps, "train", args.alfworld_data)
+    with contextlib.closing(env_batch):
+        prompts, n_labels = [], []
+        for ep in range(4):
+            # negative seeds: toy episodes training never sees (alfworld: training games; no skill is taught)
+            obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])
+            history, live = [[] for _ in range(batch)], [True] * batch
+            for t in range(args.max_steps):
+                actions = [None] * batch
+                for n, (obs, info) in enumerate(obs_info):
+                    if live[n]:
+                        listed = envs.listed_actions(info["admissible"])
+                        prompts.append(step_prompt(args, info, obs, history[n], t))
+                        n_labels.append(len(listed))
+                        actions[n] = rng.choice(listed)
+                        history[n].append((obs, actions[n]))
+                for n, res in enumerate(env_batch.step(actions)):
+                    if res is not None:
+                        obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
     label_ids = torch.tensor([tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(args.tiny_format_steps):
@@ -243,12 +269,11 @@ def teach_answer_format(model, tok, args, batch=32):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    env_batch.close()
 
 
 def load_model(args, device):
     if args.model == "tiny":
-        model, tok = build_tiny(envs.vocabulary(), args.seed)
+        model, tok = build_tiny(envs.vocabulary(args.env), args.seed)
         teach_answer_format(model, tok, args)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -257,6 +282,7 @@ def load_model(args, device):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    tok.truncation_side = "left"  # an over-long prompt loses its start, never the admissible actions and question
     model.requires_grad_(False)  # base weights frozen
     model.eval()  # dropout off, for rollouts and PPO alike
     return model.to(device), tok
@@ -488,6 +514,15 @@ class Agent(nn.Module):
                                                 add_generation_prompt=True)
         return text
 
+    def fit_prompt(self, info, obs, history, t):
+        """The model's prompt of one step within --max_prompt_tokens: the oldest history goes first; if even the
+        prompt without history is too long, the tokenizer cuts its left end (truncation_side left)."""
+        for keep in range(min(self.args.history, len(history)), -1, -1):
+            text = self.format_prompt(step_prompt(self.args, info, obs, history, t, keep))
+            if len(self.tok(text, add_special_tokens=False).input_ids) <= self.args.max_prompt_tokens:
+                return text
+        return text
+
     def response_logprobs(self, seqs, prompt_lens, resp_lens, temperature, gates, experts_on=True):
         """Log-probs (B, R) and entropies (B, R) of each response token at the sampling temperature, from one
         plain forward over prompt + response (right-padded). gates (B, 1, K) or None (token routing).
@@ -563,8 +598,9 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             k = p.argmax(-1) if greedy_router else torch.multinomial(p, 1)[:, 0]
             episode_k[lane_idx], episode_logp[lane_idx] = k, p.gather(1, k[:, None])[:, 0].log()
         k, router_logp = episode_k[lane_idx], episode_logp[lane_idx]  # dense: expert 0, log-prob 0
-        prompts = [agent.format_prompt(step_prompt(a, infos[n], obs[n], history[n], t)) for n in lanes]
-        enc = tok(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False).to(dev)
+        prompts = [agent.fit_prompt(infos[n], obs[n], history[n], t) for n in lanes]
+        enc = tok(prompts, padding=True, padding_side="left", truncation=True, max_length=a.max_prompt_tokens,
+                  return_tensors="pt", add_special_tokens=False).to(dev)
         gates = None if a.routing == "token" else F.one_hot(k, K).float()[:, None]  # (A, 1, K)
         with agent.routing(gates):
             out = agent.lm.generate(**enc, **gen_cfg)
@@ -583,7 +619,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             for key, val in (("seq", torch.cat([prompt_ids, resp])), ("prompt_len", len(prompt_ids)),
                              ("resp_len", len(resp)), ("lane", n), ("t", t), ("k", int(k[i])),
                              ("router_logp", float(router_logp[i])), ("window", win[i].tolist()),
-                             ("phase", infos[n]["phase"]), ("task_type", infos[n]["task_type"])):
+                             ("phase", env_batch.step_phase(infos[n], cmd if valid else None)),
+                             ("task_type", infos[n]["task_type"])):
                 R[key].append(val)
         results = env_batch.step(actions)
         for n in lanes:
@@ -753,10 +790,10 @@ EVAL_SEED = 10_000_000
 
 def evaluate(agent, tau):
     a = agent.args
-    env_batch = envs.make_env_batch(a.env, a.eval_episodes, a.max_steps)
-    S = rollout(agent, env_batch, [EVAL_SEED + i for i in range(a.eval_episodes)], tau,
-                    a.eval_temperature, greedy_router=True)
-    env_batch.close()
+    env_batch = envs.make_env_batch(a.env, a.eval_episodes, a.max_steps, a.eval_split, a.alfworld_data)
+    with contextlib.closing(env_batch):
+        S = rollout(agent, env_batch, [EVAL_SEED + i for i in range(a.eval_episodes)], tau, a.eval_temperature,
+                    greedy_router=True)
     eps = rollout_stats(S, a.eval_episodes)
     m = {"eval/success": np.mean([e["won"] for e in eps]), "eval/steps": np.mean([e["steps"] for e in eps]),
          "eval/switches": np.mean([e["switches"] for e in eps]), "eval/invalid": np.mean(S["invalid"])}
@@ -765,16 +802,27 @@ def evaluate(agent, tau):
     by_task = defaultdict(list)
     for e in eps:
         by_task[e["task_type"]].append(e)
-    for tt, es in sorted(by_task.items()):
-        m[f"eval/success/{tt}"] = float(np.mean([e["won"] for e in es]))
+    for tt in envs.TASK_COLUMNS[a.env]:  # the paper's table order
+        if tt in by_task:
+            m[f"eval/success/{tt}"] = float(np.mean([e["won"] for e in by_task[tt]]))
+    usage = {}
     for key, col in (("task type", "task_type"), ("phase", "phase")):
-        usage = defaultdict(Counter)
+        usage[col] = defaultdict(Counter)
         for i, k in enumerate(S["k"]):
-            usage[S[col][i]][k] += 1
+            usage[col][S[col][i]][k] += 1
         lines.append(f"expert usage by {key} (fraction of steps): " + " ".join(f"{letters[k]:>5}" for k in range(K)))
-        for name, c in sorted(usage.items()):
+        for name, c in sorted(usage[col].items()):
             tot = sum(c.values())
             lines.append(f"  {name:<10}" + " ".join(f"{c[k] / tot:5.2f}" for k in range(K)) + f"   (n={tot})")
+    for tt, c in usage["task_type"].items():
+        for k in range(K):
+            m[f"eval/usage/{tt}/{letters[k]}"] = c[k] / sum(c.values())
+    # phase purity: fraction of steps whose expert's most frequent phase is their own phase (1 = each expert
+    # serves one phase; a single expert scores the share of the most common phase)
+    by_expert = defaultdict(Counter)
+    for k, ph in zip(S["k"], S["phase"]):
+        by_expert[k][ph] += 1
+    m["eval/phase_purity"] = sum(max(c.values()) for c in by_expert.values()) / len(S["k"])
     code = {}
     for ph in sorted(set(S["phase"])):  # one letter per phase: its initial, upper-cased if already taken
         code[ph] = ph[0] if ph[0] not in code.values() else ph[0].upper()
@@ -849,49 +897,57 @@ def train(args):
                 f.writelines(kept)
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
-    env_batch = envs.make_env_batch(args.env, args.num_envs, args.max_steps)
-    bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
-               dynamic_ncols=True, file=sys.stdout)
-    last = {}
-    for it in bar:
-        t0 = time.time()
-        tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
-        seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in range(args.num_envs)]
-        S = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
-        t_roll = time.time() - t0
-        eps = rollout_stats(S, args.num_envs)
-        stats = ppo_update(agent, opt, S, prepare_batch(agent, S), tau_state)
-        m = {"iteration": it, "success": np.mean([e["won"] for e in eps]),
-             "return": np.mean([e["return"] for e in eps]), "steps": np.mean([e["steps"] for e in eps]),
-             "switches": np.mean([e["switches"] for e in eps]), "invalid": np.mean(S["invalid"]),
-             **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
-                for tt in sorted({e["task_type"] for e in eps})},
-             **{f"expert_share/{k}": np.mean(np.array(S["k"]) == k) for k in range(args.experts[0])},
-             **stats, "env_steps": len(S["k"]), "rollout_s": t_roll, "iteration_s": time.time() - t0}
-        m["sps"] = m["env_steps"] / m["iteration_s"]
-        if args.eval_every and (it % args.eval_every == 0 or it == args.iterations):
-            em, tables = evaluate(agent, stats["tau"])
-            m.update(em)
-            report = f"[iteration {it}] eval success {em['eval/success']:.2f} " + " ".join(
-                f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items() if k.startswith("eval/success/")) + "\n" + tables
-            tqdm.write(report)
-            with open(os.path.join(args.out_dir, "eval.log"), "a") as f:
-                f.write(report + "\n")
-        m = {k: float(v) if k != "iteration" else v for k, v in m.items()}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        if it % args.ckpt_every == 0 or it == args.iterations:
-            save_checkpoint(ckpt_path, agent, opt, it, tau_state)
-        bar.set_postfix(success=f"{m['success']:.2f}", ret=f"{m['return']:.1f}", kl=f"{m['kl']:.3f}",
-                        switches=f"{m['switches']:.1f}")
-        last = m
-    env_batch.close()
+    env_batch = envs.make_env_batch(args.env, args.num_envs, args.max_steps, "train", args.alfworld_data)
+    try:
+        bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
+                   dynamic_ncols=True, file=sys.stdout)
+        last = {}
+        for it in bar:
+            t0 = time.time()
+            tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
+            seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in range(args.num_envs)]
+            S = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
+            t_roll = time.time() - t0
+            eps = rollout_stats(S, args.num_envs)
+            stats = ppo_update(agent, opt, S, prepare_batch(agent, S), tau_state)
+            m = {"iteration": it, "success": np.mean([e["won"] for e in eps]),
+                 "return": np.mean([e["return"] for e in eps]), "steps": np.mean([e["steps"] for e in eps]),
+                 "switches": np.mean([e["switches"] for e in eps]), "invalid": np.mean(S["invalid"]),
+                 **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
+                    for tt in sorted({e["task_type"] for e in eps})},
+                 **{f"expert_share/{k}": np.mean(np.array(S["k"]) == k) for k in range(args.experts[0])},
+                 **stats, "env_steps": len(S["k"]), "rollout_s": t_roll, "iteration_s": time.time() - t0}
+            m["sps"] = m["env_steps"] / m["iteration_s"]
+            if args.eval_every and (it % args.eval_every == 0 or it == args.iterations):
+                em, tables = evaluate(agent, stats["tau"])
+                m.update(em)
+                columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items()
+                                   if k.startswith("eval/success/"))
+                report = f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
+                tqdm.write(report)
+                with open(os.path.join(args.out_dir, "eval.log"), "a") as f:
+                    f.write(report + "\n")
+            m = {k: float(v) if k != "iteration" else v for k, v in m.items()}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if it % args.ckpt_every == 0 or it == args.iterations:
+                save_checkpoint(ckpt_path, agent, opt, it, tau_state)
+            bar.set_postfix(success=f"{m['success']:.2f}", ret=f"{m['return']:.1f}", kl=f"{m['kl']:.3f}",
+                            switches=f"{m['switches']:.1f}")
+            last = m
+    finally:  # workers end with the run, however it ends
+        env_batch.close()
     return last
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return train(args)
+    try:
+        return train(args)
+    except envs.EnvWorkerError as e:  # metrics lines are whole iterations, checkpoints atomic: nothing half-written
+        ckpt = os.path.join(args.out_dir, "checkpoint.pt")
+        raise SystemExit(f"pamoe.py: error: {e}. The unfinished iteration was not logged and {ckpt} (if any) is "
+                         f"intact: fix or remove that game, then rerun with --resume {ckpt}") from e
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # PA-MoE in one command.
-#   bash run.sh            train: CPU -> toy env + tiny model (~10 min, 2 cores); CUDA -> toy env + Qwen2.5-1.5B
+#   bash run.sh            train. CUDA: ALFWorld + Qwen2.5-1.5B-Instruct (needs the official games: ALFWORLD_DATA);
+#                          CPU: toy env + tiny model (~10 min on 2 cores)
+#   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
 #   bash run.sh test       the test suite
+#   bash run.sh bench      cost of routed experts vs one LoRA -> bench.json (python bench.py --help)
+#   bash run.sh ablation   routing ablation, 5 routings x 3 seeds on the toy env (~45 min on 2 cores)
 #   bash run.sh --flag v   train with extra pamoe.py flags (they override the preset)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,7 +14,8 @@ cd "$(dirname "$0")"
 # otherwise install the pinned requirements into .venv once (again when requirements.txt changes).
 if python3 - <<'PY' 2>/dev/null
 import importlib.metadata as md
-need = {"torch": (2, 4), "transformers": (4, 51), "numpy": (1, 24), "tqdm": (4, 60), "pytest": (7, 0)}
+need = {"torch": (2, 4), "transformers": (4, 51), "numpy": (1, 24), "tqdm": (4, 60), "pytest": (7, 0),
+        "alfworld": (0, 4)}
 for name, low in need.items():
     assert tuple(int(x) for x in md.version(name).split("+")[0].split(".")[:2]) >= low, name
 PY
@@ -27,15 +32,25 @@ else
   fi
 fi
 
-if [ "${1:-}" = "test" ]; then
-  shift
-  exec "$PY" -m pytest -q test_pamoe.py "$@"
-fi
+case "${1:-}" in
+  test) shift; exec "$PY" -m pytest -q test_pamoe.py "$@" ;;
+  bench) shift; exec "$PY" bench.py "$@" ;;
+  ablation) shift; exec "$PY" bench.py ablation "$@" ;;
+esac
 
+job=default
+if [ "${1:-}" = "alfworld" ]; then job=alfworld; shift; fi
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  # one GPU: a real model, the paper's answer format and learning rates (unverified on the toy env, see README)
-  preset=(--model Qwen/Qwen2.5-1.5B-Instruct --action_format tagged --max_new_tokens 512 --num_envs 32
-          --lr_experts 1e-6 --lr_router 1e-4 --lr_critic 1e-4 --out_dir runs/pamoe-gpu)
+  # one GPU: the paper's ALFWorld setting scaled to one GPU (see README, "Reproducing the paper on one GPU")
+  preset=(--env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --action_format tagged --max_new_tokens 512
+          --max_steps 50 --num_envs 32 --iterations 150 --eval_every 10 --eval_episodes 128 --minibatch 8
+          --epochs 1 --ent_coef 0.001 --lr_experts 1e-6 --lr_router 1e-4 --lr_critic 1e-5 --out_dir runs/pamoe-gpu)
+elif [ "$job" = "alfworld" ]; then
+  # CPU: the whole ALFWorld path with the tiny model on the project's offline mini game set
+  export ALFWORLD_DATA="${ALFWORLD_DATA:-runs/alfworld-mini}"
+  if [ ! -d "$ALFWORLD_DATA/json_2.1.1" ]; then "$PY" envs.py make-alfworld-mini "$ALFWORLD_DATA"; fi
+  preset=(--env alfworld --model tiny --max_steps 50 --num_envs 8 --iterations 5 --eval_every 5 --eval_episodes 12
+          --out_dir runs/pamoe-alfworld)
 else
   preset=(--model tiny --out_dir runs/pamoe)
 fi

@@ -3,6 +3,7 @@ checkpoints and an end-to-end learning run. CPU only, no downloads."""
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -164,7 +165,7 @@ def test_ppo_ratio_is_one_on_first_minibatch_and_kl_zero_while_experts_are_zero(
     _, clipfrac, approx_kl = pamoe.ppo_policy_loss(logp, old, torch.ones_like(logp), mask, 0.2)
     torch.testing.assert_close(torch.where(mask, logp - old, 0), torch.zeros_like(logp), atol=1e-6, rtol=0)
     assert clipfrac == 0 and abs(float(approx_kl.detach())) < 1e-6
-    assert float(pamoe.kl_k3(logp, ref, mask)) == pytest.approx(0, abs=1e-6)
+    assert float(pamoe.kl_k3(logp, ref, mask).detach()) == pytest.approx(0, abs=1e-6)
     assert torch.isfinite(B["adv"]).all() and abs(float(B["adv"].mean())) < 1e-5  # whitened
 
 
@@ -247,6 +248,8 @@ def test_toy_env_is_deterministic_and_flags_invalid_actions():
     obs, info = a.reset(7)
     assert envs.parse_action("fly to the moon", info["admissible"]) == (None, False)
     assert envs.parse_action("99", info["admissible"]) == (None, False)
+    assert envs.parse_action("\u00b2", info["admissible"]) == (None, False)  # a superscript digit is no label
+    assert envs.parse_action("<think>a\nb</think><action>\n2\n</action>", info["admissible"])[1]
     assert envs.parse_action("<action>go to shelf 1</action>", info["admissible"]) == (None, False)  # no think
     assert envs.parse_action("2", info["admissible"]) == ("go to shelf 1", True)
     assert envs.parse_action("<think>hm</think> <action>Go to  shelf 1</action>", info["admissible"]) == \
@@ -353,3 +356,150 @@ def test_end_to_end_training_improves_success(tmp_path):
     success = [m["success"] for m in read_metrics(out)]
     first, last = sum(success[:3]) / 3, sum(success[-3:]) / 3
     assert last >= first + 0.08, success
+
+
+# --- ALFWorld (the real alfworld package on the project's mini game set; ALFWORLD_DATA points at a temp dir) ---
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("alfworld"))
+    envs.make_alfworld_mini(root)
+    old = os.environ.get("ALFWORLD_DATA")
+    os.environ["ALFWORLD_DATA"] = root
+    yield root
+    if old is None:
+        del os.environ["ALFWORLD_DATA"]
+    else:
+        os.environ["ALFWORLD_DATA"] = old
+
+
+def play(batch, commands):
+    """Step every lane through its command list in lockstep; returns each lane's last step result."""
+    last = [None] * len(commands)
+    for t in range(max(map(len, commands))):
+        results = batch.step([c[t] if t < len(c) else None for c in commands])
+        for n, r in enumerate(results):
+            if r is not None:
+                last[n] = r
+    return last
+
+
+@pytest.mark.parametrize("split", ["train", "eval_in_distribution", "eval_out_of_distribution"])
+def test_every_mini_game_is_won_by_its_scripted_solution(mini, split):
+    files = envs.alfworld_games(mini, split)
+    batch = envs.make_env_batch("alfworld", len(files), 50, split, mini)
+    try:
+        first = batch.reset(list(range(len(files))))
+        solutions = []
+        for f, (obs, info) in zip(files, first):
+            with open(os.path.join(os.path.dirname(f), "solution.json")) as fh:
+                solutions.append(json.load(fh))
+            assert solutions[-1][0] in info["admissible"] and "help" not in info["admissible"]
+            assert info["goal"] and "Welcome" not in obs
+        for obs, r, term, trunc, info in play(batch, solutions):
+            assert r == envs.WIN_REWARD and term and not trunc and info["won"], obs
+        assert {info["task_type"] for _, info in first} == set(envs.TASK_COLUMNS["alfworld"])
+    finally:
+        batch.close()
+
+
+def test_alfworld_invalid_steps_truncation_lockstep_and_clean_close(mini):
+    batch = envs.make_env_batch("alfworld", 2, 3, "train", mini)
+    batch.reset([0, 1])
+    assert batch.step(["dance on the table", None])[1] is None  # a finished lane is skipped
+    obs, r, term, trunc, info = batch.step(["dance on the table", "look"])[0]
+    assert obs == "Nothing happens." and r == 0 and not term and not trunc
+    assert batch.step_phase(info, None) == "invalid" and batch.step_phase(info, "go to shelf 1") == "navigate"
+    last = batch.step(["inventory", "look"])
+    assert last[0][3] and not last[0][2]  # step 3 of 3: truncated
+    assert not last[1][3]  # the other lane has taken 2 steps
+    procs = [w.proc for w in batch.workers]
+    batch.close()
+    assert [p.returncode for p in procs] == [0, 0]  # both left on the close request, none was killed
+
+
+def test_alfworld_dead_or_hung_worker_ends_its_episode_and_names_the_game(mini, monkeypatch, capsys):
+    monkeypatch.setattr(envs, "STEP_TIMEOUT", 3.0)
+    batch = envs.make_env_batch("alfworld", 2, 50, "train", mini)
+    try:
+        batch.reset([0, 1])
+        batch.workers[0].proc.kill()
+        os.kill(batch.workers[1].proc.pid, signal.SIGSTOP)  # hangs
+        for n, (obs, r, term, trunc, info) in enumerate(batch.step(["look", "look"])):
+            assert trunc and not term and batch.workers[n].game in info["error"]
+        err = capsys.readouterr().err
+        assert "died" in err and "hung" in err
+        monkeypatch.setattr(envs, "STEP_TIMEOUT", 60.0)  # fresh workers import the engine first
+        assert len(batch.reset([2, 3])) == 2
+    finally:
+        batch.close()
+
+
+def test_a_game_dying_mid_rollout_ends_its_episode_and_the_update_still_runs(mini):
+    agent = make_agent("--env", "alfworld", "--alfworld_data", mini)
+    batch = envs.make_env_batch("alfworld", 1, 6, "train", mini)
+    step = batch.step
+
+    def dying_step(actions):  # the only lane's worker dies before its first step
+        batch.workers[0].proc.kill()
+        return step(actions)
+    batch.step = dying_step
+    try:
+        R = pamoe.rollout(agent, batch, [0], 2.0, 1.0, greedy_router=False)
+    finally:
+        batch.close()
+    assert R["truncated"] == [True] and R["reward"][0] <= 0
+    B = pamoe.prepare_batch(agent, R)  # bootstraps from the failed lane's final observation
+    assert torch.isfinite(B["ret"]).all()
+
+
+def test_alfworld_prompt_holds_task_history_and_actions_within_the_limit(mini):
+    agent = make_agent("--env", "alfworld", "--alfworld_data", mini, "--action_format", "tagged")
+    batch = envs.make_env_batch("alfworld", 1, 50, "train", mini)
+    try:
+        (obs, info), = batch.reset([4])
+        history = []
+        for cmd in info["admissible"][:3]:
+            history.append((obs, cmd))
+            obs, _, _, _, info = batch.step([cmd])[0]
+    finally:
+        batch.close()
+    text = agent.fit_prompt(info, obs, history, 3)
+    assert info["goal"] in text and f"Action: {history[-1][1]}" in text and f"Action: {history[-2][1]}" in text
+    assert f"Action: {history[0][1]}" not in text.split("Current observation")[0].split("step 4")[1]  # last 2 only
+    assert all(c in text for c in info["admissible"]) and "<action>" in text
+    full = len(agent.tok(text).input_ids)
+    agent.args.max_prompt_tokens = full - 1  # too long: the oldest history goes first
+    short = agent.fit_prompt(info, obs, history, 3)
+    assert len(agent.tok(short).input_ids) <= full - 1 and f"Action: {history[-1][1]}" in short
+
+
+@pytest.mark.parametrize("flags", [["--env", "alfworld"], ["--env", "alfworld", "--alfworld_data", "/nonexistent"]])
+def test_missing_alfworld_data_names_both_fixes(monkeypatch, flags):
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    with pytest.raises(SystemExit, match="alfworld-download.*make-alfworld-mini"):
+        pamoe.parse_args(flags)
+
+
+def test_one_iteration_on_the_mini_set_end_to_end(mini, tmp_path):
+    out = str(tmp_path / "run")
+    last = pamoe.main(SMALL + ["--env", "alfworld", "--alfworld_data", mini, "--max_steps", "4", "--iterations", "1",
+                               "--eval_every", "1", "--eval_episodes", "6", "--out_dir", out])
+    assert last["env_steps"] > 0 and math.isfinite(last["pg_loss"]) and 0 <= last["eval/success"] <= 1
+    columns = {k.split("/")[-1] for k in last if k.startswith("eval/success/")}
+    assert columns and columns <= set(envs.TASK_COLUMNS["alfworld"])
+    assert read_metrics(out)[-1]["iteration"] == 1
+
+
+# --- bench.py -------------------------------------------------------------------------------------------------------
+def test_bench_runs_and_reports_every_row(tmp_path, capsys):
+    import bench
+    out = str(tmp_path / "bench.json")
+    report = bench.main(["--sizes", "tiny,qwen2.5-1.5b", "--repeats", "1", "--warmup", "0", "--gen_tokens", "2",
+                         "--out", out])
+    whats = [r["what"] for r in report["rows"]]
+    for needle in ("frozen base", "one LoRA", "routed experts, one stacked pass", "masked full passes",
+                   "generate: base", "generate: 4 routed", "rollout: base", "rollout: phase router", "PPO update"):
+        assert sum(needle in w for w in whats) == 1, needle
+    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in report["rows"] if r["size"] == "tiny")
+    assert json.load(open(out))["rows"] == report["rows"]
+    assert "not measured (needs CUDA)" in capsys.readouterr().out
