@@ -528,7 +528,7 @@ class Agent(nn.Module):
         plain forward over prompt + response (right-padded). gates (B, 1, K) or None (token routing).
         Also returns the mask (B, R) and, for token routing, each layer's router probabilities at the position
         that predicts each response token (B, R, layers, K); else None."""
-        B, R = len(seqs), max(resp_lens)
+        R = max(resp_lens)
         ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.tok.pad_token_id).to(self.device)
         attn = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs],
                                          batch_first=True).to(self.device)
