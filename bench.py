@@ -11,10 +11,12 @@ Timing rows (medians over --repeats after --warmup, all measured in the same run
 - fwd+bwd of a fixed batch (next-token loss on random token ids) through: the frozen base (its backward reaches the
   input embeddings, so it pays the activation gradients an adapter pays); base + one LoRA of rank r; base + K
   routed experts of rank r in our stacked pass (sequence i uses expert i mod K, all in one pass); base + K experts
-  done as K masked full passes (one fwd+bwd of the whole batch per expert, only that expert on, the loss masked to
-  its sequences: per-expert adapters without a stacked pass). Ratios are to one LoRA.
+  done as K masked full passes (one fwd+bwd of the whole batch per expert through a rank-r adapter, the loss
+  masked to that expert's sequences: separate per-expert adapters, as in the released code). Ratios are to one
+  LoRA.
 - generation: sampled tokens/s of one batch (fixed length, no EOS), base vs K routed experts; env steps/s of one
-  toy-env rollout (`tiny` only: the other sizes have no tokenizer), base vs routed.
+  toy-env rollout (`tiny` only: the other sizes have no tokenizer) with the experts off vs on (the phase router
+  and the frozen step features run in both). The agent rows run in pamoe's own dtype (`tiny`: float32).
 - PPO update: tokens through fwd+bwd per second in one update over one toy rollout (`tiny`).
 - peak memory of each row: CUDA max_memory_allocated; CPU the process's peak resident set during the row (it
   includes the model and everything loaded before).
@@ -151,16 +153,16 @@ def bench_model(size, device, dtype, K, rank, warmup, repeats, gen_tokens):
     def onehot(k):  # (B, 1, K) gates of experts k (B,)
         return F.one_hot(k, K).float()[:, None]
 
-    routing = attach(model, "dense", K, rank)
+    routing, on = attach(model, "dense", K, rank), torch.ones(nseq, 1, 1, device=device)
     row("fwd+bwd: frozen base", fwd_bwd(routing, [(None, None)], embed_grad=True), nseq * ntok)
-    row(f"fwd+bwd: base + one LoRA (r={rank})", fwd_bwd(routing, [(torch.ones(nseq, 1, 1, device=device), None)]),
-        nseq * ntok)
+    row(f"fwd+bwd: base + one LoRA (r={rank})", fwd_bwd(routing, [(on, None)]), nseq * ntok)
+    # K separate rank-r adapters cost what K passes of one rank-r adapter cost, each loss masked to its sequences
+    row(f"fwd+bwd: base + {K} experts, {K} masked full passes",
+        fwd_bwd(routing, [(on, expert_of == k) for k in range(K)]), nseq * ntok)
     detach(model)
     routing = attach(model, "phase", K, rank)
     row(f"fwd+bwd: base + {K} routed experts, one stacked pass (ours)",
         fwd_bwd(routing, [(onehot(expert_of), None)]), nseq * ntok)
-    row(f"fwd+bwd: base + {K} experts, {K} masked full passes",
-        fwd_bwd(routing, [(onehot(torch.full_like(expert_of, k)), expert_of == k) for k in range(K)]), nseq * ntok)
 
     prompt = ids[:, :128]
     cfg = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
@@ -183,24 +185,25 @@ def bench_agent(device, K, rank, warmup, repeats):
     agent = pamoe.Agent(args, device)
     env_batch = envs.make_env_batch("toy", args.num_envs, args.max_steps)
     seeds = list(range(args.num_envs))
-    rows, steps = [], {}
+    rows = []
 
-    def play(agent_routing):
+    def play(agent_routing, steps):
         def run():
             agent.routing = agent_routing  # a Routing the expert modules do not read leaves them off
-            steps["n"] = len(pamoe.rollout(agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False)["k"])
+            steps.append(len(pamoe.rollout(agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False)["k"]))
         return run
 
     shared = agent.routing
-    for what, r in (("rollout: base (env steps/s)", pamoe.Routing()),
+    for what, r in (("rollout: phase router, experts off (env steps/s)", pamoe.Routing()),
                     (f"rollout: phase router + {K} experts (env steps/s)", shared)):
-        sec, peak = measure(play(r), device, min(warmup, 1), repeats)
-        rows.append(dict(size="tiny", what=what, seconds=sec, per_s=steps["n"] / sec, peak_bytes=peak))
+        steps = []
+        sec, peak = measure(play(r, steps), device, warmup, repeats)
+        rows.append(dict(size="tiny", what=what, seconds=sec, per_s=statistics.median(steps) / sec, peak_bytes=peak))
     agent.routing = shared
     R = pamoe.rollout(agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False)
     B = pamoe.prepare_batch(agent, R)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
-    sec, peak = measure(lambda: pamoe.ppo_update(agent, opt, R, B, {"updates": 0}), device, min(warmup, 1), repeats)
+    sec, peak = measure(lambda: pamoe.ppo_update(agent, opt, R, B, {"updates": 0}), device, warmup, repeats)
     tokens = args.epochs * sum(len(s) for s in R["seq"])
     rows.append(dict(size="tiny", what="PPO update (fwd+bwd tokens/s)", seconds=sec, per_s=tokens / sec,
                      peak_bytes=peak))
@@ -262,14 +265,28 @@ ABLATION = {"dense": ["--routing", "dense"], "token": ["--routing", "token"], "t
 LABEL = {"phase+rs": "phase + router shift"}
 
 
-def final_metrics(out_dir, iterations):
-    """The finished run's last metrics line (with the evaluation) and its training lines, or None."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+RESERVED = ("--routing", "--router_shift", "--seed", "--iterations", "--eval_every", "--eval_episodes", "--out_dir",
+            "--resume")  # set by the ablation itself
+
+
+def run_args(name, seed, out, opts, passthrough):
+    """pamoe.py's arguments of one ablation run (without --resume)."""
+    return [*passthrough, *ABLATION[name], "--seed", str(seed), "--iterations", str(opts.iterations),
+            "--eval_every", str(opts.iterations), "--eval_episodes", str(opts.eval_episodes), "--out_dir", out]
+
+
+def final_metrics(out_dir, args):
+    """A run made with exactly these arguments and finished: its last metrics line (with the evaluation) and all its
+    lines; else None."""
+    try:
+        with open(os.path.join(out_dir, "args.json")) as f:
+            same = json.load(f) == args
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+    except FileNotFoundError:
         return None
-    with open(path) as f:
-        lines = [json.loads(line) for line in f]
-    done = lines and lines[-1]["iteration"] == iterations and "eval/success" in lines[-1]
+    done = same and lines and lines[-1]["iteration"] == int(args[args.index("--iterations") + 1]) \
+        and "eval/success" in lines[-1]
     return (lines[-1], lines) if done else None
 
 
@@ -278,10 +295,15 @@ def run_ablation(opts, passthrough, command):
     unknown = [n for n in names if n not in ABLATION]
     if unknown:
         raise SystemExit(f"bench.py: error: unknown --routings {unknown}; use {','.join(ABLATION)}")
+    clash = [f for f in passthrough if f.split("=")[0] in RESERVED]
+    if clash or opts.iterations < 1:
+        raise SystemExit(f"bench.py: error: the ablation sets {', '.join(RESERVED)} itself (got {clash}); use "
+                         "--routings, --seeds, --iterations >= 1 and --eval_episodes of bench.py instead")
     seeds = [int(s) for s in opts.seeds.split(",")]
     pamoe.parse_args(passthrough + ["--iterations", str(opts.iterations)])  # bad pamoe flags stop here, not 15x
     jobs = [(n, s, os.path.join(opts.out_dir, f"{n}-seed{s}")) for n in names for s in seeds]
-    todo = [j for j in jobs if final_metrics(j[2], opts.iterations) is None]
+    jobs = [(n, s, out, run_args(n, s, out, opts, passthrough)) for n, s, out in jobs]
+    todo = [j for j in jobs if final_metrics(j[2], j[3]) is None]
     workers = opts.jobs or max(1, min(len(todo), os.cpu_count() or 1))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
     print(f"ablation: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {workers} at a time, "
@@ -289,14 +311,19 @@ def run_ablation(opts, passthrough, command):
     t0, running, failed = time.time(), [], []
     while todo or running:
         while todo and len(running) < workers:
-            name, seed, out = todo.pop(0)
+            name, seed, out, args = todo.pop(0)
             os.makedirs(out, exist_ok=True)
-            ckpt = os.path.join(out, "checkpoint.pt")
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pamoe.py"),
-                   *passthrough, *ABLATION[name], "--seed", str(seed), "--iterations", str(opts.iterations),
-                   "--eval_every", str(opts.iterations), "--eval_episodes", str(opts.eval_episodes),
-                   "--out_dir", out, *(["--resume", ckpt] if os.path.exists(ckpt) else [])]
-            log = open(os.path.join(out, "stdout.log"), "w")
+            ckpt, record = os.path.join(out, "checkpoint.pt"), os.path.join(out, "args.json")
+            resumable = os.path.exists(ckpt) and os.path.exists(record) and json.load(open(record)) == args
+            if not resumable:  # a run made with other arguments (or none yet) starts afresh
+                for stale in ("checkpoint.pt", "metrics.jsonl", "eval.log"):
+                    if os.path.exists(os.path.join(out, stale)):
+                        os.remove(os.path.join(out, stale))
+                with open(record, "w") as f:
+                    json.dump(args, f)
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pamoe.py"), *args,
+                   *(["--resume", ckpt] if resumable else [])]
+            log = open(os.path.join(out, "stdout.log"), "a")
             running.append((name, seed, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(1)
         for job in [j for j in running if j[3].poll() is not None]:
@@ -306,7 +333,7 @@ def run_ablation(opts, passthrough, command):
             if job[3].returncode:
                 failed.append(job[2])
             print(f"  {job[0]} seed {job[1]}: {status} at {(time.time() - t0) / 60:.1f} min", flush=True)
-    results = {(n, s): final_metrics(out, opts.iterations) for n, s, out in jobs}
+    results = {(n, s): final_metrics(out, args) for n, s, out, args in jobs}
     missing = [f"{n} seed {s}" for (n, s), r in results.items() if r is None]
     if missing:
         raise SystemExit(f"bench.py: error: ablation runs without results: {missing}; rerun the same command to "
@@ -364,30 +391,32 @@ def ablation_table(results, names, seeds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="PA-MoE cost benchmark and routing ablation")
-    parser.add_argument("what", nargs="?", default="bench", choices=["bench", "ablation"])
-    parser.add_argument("--sizes", default="", help="bench: comma list of tiny, mid, qwen2.5-1.5b (default: all; "
-                        "qwen2.5-1.5b needs CUDA)")
-    parser.add_argument("--experts", type=int, default=4, help="bench: K")
-    parser.add_argument("--rank", type=int, default=32, help="bench: r of each expert and of the single LoRA")
-    parser.add_argument("--warmup", type=int, default=2, help="bench: untimed calls before timing")
-    parser.add_argument("--repeats", type=int, default=5, help="bench: timed calls (median reported)")
-    parser.add_argument("--gen_tokens", type=int, default=32, help="bench: sampled tokens per sequence")
-    parser.add_argument("--out", default="bench.json", help="bench: where the rows go")
-    parser.add_argument("--routings", default=",".join(ABLATION), help="ablation: comma list of " + ",".join(ABLATION))
-    parser.add_argument("--seeds", default="1,2,3", help="ablation: comma list of seeds")
-    parser.add_argument("--iterations", type=int, default=16, help="ablation: iterations per run (the fixed budget)")
-    parser.add_argument("--eval_episodes", type=int, default=128, help="ablation: final evaluation episodes")
-    parser.add_argument("--jobs", type=int, default=0, help="ablation: runs at once (0 = one per CPU core)")
-    parser.add_argument("--out_dir", default="runs/ablation", help="ablation: one folder per run + ablation.md")
     argv = sys.argv[1:] if argv is None else argv
-    opts, passthrough = parser.parse_known_args(argv)
-    if opts.what == "bench":
-        if passthrough:
-            parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    what = argv[0] if argv[:1] in (["bench"], ["ablation"]) else "bench"
+    rest = argv[1:] if argv[:1] == [what] else argv
+    parser = argparse.ArgumentParser(prog=f"bench.py {what}", allow_abbrev=False,
+                                     description="PA-MoE cost benchmark" if what == "bench" else
+                                     "PA-MoE routing ablation; flags not listed here go to every pamoe.py run")
+    if what == "bench":
+        parser.add_argument("--sizes", default="", help="comma list of tiny, mid, qwen2.5-1.5b (default: all; "
+                            "qwen2.5-1.5b needs CUDA)")
+        parser.add_argument("--experts", type=int, default=4, help="K")
+        parser.add_argument("--rank", type=int, default=32, help="r of each expert and of the single LoRA")
+        parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+        parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+        parser.add_argument("--gen_tokens", type=int, default=32, help="sampled tokens per sequence")
+        parser.add_argument("--out", default="bench.json", help="where the rows go")
+        opts = parser.parse_args(rest)
         if min(opts.repeats, opts.experts, opts.rank, opts.gen_tokens) < 1 or opts.warmup < 0:
             parser.error("--repeats, --experts, --rank and --gen_tokens must be >= 1, --warmup >= 0")
         return bench(opts)
+    parser.add_argument("--routings", default=",".join(ABLATION), help="comma list of " + ",".join(ABLATION))
+    parser.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
+    parser.add_argument("--iterations", type=int, default=16, help="iterations per run (the fixed budget)")
+    parser.add_argument("--eval_episodes", type=int, default=128, help="final evaluation episodes")
+    parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")
+    parser.add_argument("--out_dir", default="runs/ablation", help="one folder per run + ablation.md")
+    opts, passthrough = parser.parse_known_args(rest)
     return run_ablation(opts, passthrough, " ".join(["python bench.py", *argv]))
 
 
