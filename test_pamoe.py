@@ -211,6 +211,34 @@ def test_router_shift_is_one_until_the_router_moves(routing):
         assert 0.1 - 1e-6 <= stats["rs_gamma"] < 0.99  # never below the floor
 
 
+def test_multi_token_answers_sample_from_the_policy_ppo_scores():
+    """The GPU path: tagged answers of several tokens behind a chat template. Sampling (HF generate, temperature,
+    no top-k / top-p) must draw from exactly the distribution whose log-probs PPO recomputes."""
+    agent = make_agent("--action_format", "tagged", "--max_new_tokens", "6")
+    randomize_experts(agent)
+    agent.tok.chat_template = ("{% for m in messages %}user : {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} assistant :{% endif %}")
+    assert agent.format_prompt("x").startswith("user : x") and agent.format_prompt("x").endswith("assistant :")
+    texts = [agent.format_prompt(f"Your task is to: put some apple in shelf {i}.") for i in range(1, 4)]
+    enc = agent.tok(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    gates = F.one_hot(torch.tensor([0, 2, 3]), 4).float()[:, None]
+    torch.manual_seed(0)
+    with agent.routing(gates):
+        out = agent.lm.generate(**enc, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6,
+                                min_new_tokens=6, pad_token_id=0, eos_token_id=None, output_scores=True,
+                                return_dict_in_generate=True)
+    resp = out.sequences[:, enc.input_ids.shape[1]:]  # (3, 6)
+    sampled = torch.stack([F.log_softmax(s.float(), -1) for s in out.scores], 1).gather(-1, resp[..., None])[..., 0]
+    seqs = [torch.cat([enc.input_ids[i][enc.attention_mask[i].bool()], resp[i]]) for i in range(3)]
+    pl = [int(enc.attention_mask[i].sum()) for i in range(3)]
+    logp, _, mask, _ = agent.response_logprobs(seqs, pl, [6] * 3, 0.7, gates)
+    assert mask.all()
+    torch.testing.assert_close(logp, sampled, atol=1e-4, rtol=0)
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
+    assert max(R["resp_len"]) > 1 and max(R["resp_len"]) <= 6
+    assert all(r == pytest.approx(-0.1) for r, bad in zip(R["reward"], R["invalid"]) if bad)  # random text: invalid
+
+
 def test_switch_penalty_tau_annealing_and_balance():
     onehot = F.one_hot(torch.tensor([1, 1, 1]), 4).float()
     valid = torch.tensor([True, True, False])
