@@ -170,6 +170,8 @@ ALFWORLD_PHASES = {"go": "navigate", "take": "manipulate", "move": "manipulate",
                    "slice": "transform", "look": "explore", "examine": "explore", "inventory": "explore",
                    "open": "explore", "close": "explore"}
 STEP_TIMEOUT = 60.0  # seconds a worker may take for one reset or step before it counts as hung
+ALFWORLD_FIXES = ("With internet: `ALFWORLD_DATA=DIR alfworld-download` (the official games, once). Offline: "
+                  "`python envs.py make-alfworld-mini DIR` (the project's small game set), then --alfworld_data DIR")
 
 
 def alfworld_data_error(data, splits=("train",)):
@@ -181,8 +183,7 @@ def alfworld_data_error(data, splits=("train",)):
         return None
     where = f"no ALFWorld games under {data!r} (expected {data}/json_2.1.1/{missing[0]})" if data else \
         "no ALFWorld data: pass --alfworld_data DIR or set ALFWORLD_DATA"
-    return (f"{where}. With internet: `ALFWORLD_DATA=DIR alfworld-download` (the official games, once). Offline: "
-            f"`python envs.py make-alfworld-mini DIR` (the project's small game set), then --alfworld_data DIR")
+    return f"{where}. {ALFWORLD_FIXES}"
 
 
 def alfworld_games(data, split):
@@ -198,7 +199,7 @@ def alfworld_games(data, split):
     with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays the training log
         files = sorted(AlfredTWEnv(config, train_eval=split).game_files)
     if not files:
-        raise SystemExit(f"envs.py: error: no playable games in {root}; " + alfworld_data_error(None).split(". ", 1)[1])
+        raise SystemExit(f"envs.py: error: no playable games in {root}. {ALFWORLD_FIXES}")
     random.Random(0).shuffle(files)  # neighbouring seeds get mixed task types
     return files
 
@@ -298,7 +299,7 @@ class AlfworldBatch:
     raises EnvWorkerError."""
 
     def __init__(self, n, max_steps, data, split):
-        self.files, self.max_steps, self.data = alfworld_games(data, split), max_steps, data
+        self.files, self.max_steps = alfworld_games(data, split), max_steps
         self.workers = [AlfworldWorker(data) for _ in range(n)]
         self.t, self.goal, self.task_type = [0] * n, [""] * n, [""] * n
 
@@ -410,8 +411,8 @@ def mini_game(task, room, rng):
     import alfworld.gen.goal_library as glib
     import alfworld.gen.constants as constants
     receps = [(r.rstrip("*"), r.endswith("*")) for r in MINI_ROOMS[room] + MINI_APPLIANCES]
-    rids = [mangle(k, i, room) + ("_bar_SinkBasin" if k == "SinkBasin" else "") for i, (k, _) in enumerate(receps)]
-    rids = [r.replace("SinkBasin_bar_", "Sink_bar_", 1) for r in rids]
+    rids = [mangle("Sink", i, room, "_bar_SinkBasin") if k == "SinkBasin" else mangle(k, i, room)
+            for i, (k, _) in enumerate(receps)]
     openable = {rid for rid, (_, o) in zip(rids, receps) if o}
     surfaces = [rid for rid, (k, o) in zip(rids, receps) if not o and k not in ("SinkBasin", "GarbageCan")]
     lamp_home = next(rid for rid, (k, _) in zip(rids, receps) if k in ("SideTable", "Desk"))
@@ -455,8 +456,8 @@ def mini_game(task, room, rng):
     traj = {"task_type": task, "task_id": f"trial_mini_{rng.randrange(10**6):06d}", "pddl_params": params,
             "turk_annotations": {"anns": []}}
     solution = []
-    for oid in oids[:n_target]:
-        where, obj = names[dict(zip(oids, (w for _, w in objects)))[oid]], names[oid]
+    for oid, (_, start) in zip(oids[:n_target], objects):
+        where, obj = names[start], names[oid]
         solution += [f"go to {where}", f"take {obj} from {where}"]
         if verb:
             app = names[next(r for r in rids if rtype[r] == appliance)]

@@ -753,10 +753,11 @@ def ppo_update(agent, opt, R, B, tau_state):
             # RSPO: one weight per token (token routing: its layers' decisions; phase/trajectory: the step's or
             # episode's decision, shared by all its tokens; dense: no decision, weight 1)
             shift = router_shift_weight(route_logp_new, route_logp_old, a.router_shift_floor).expand_as(logp)
+            weight = shift if a.router_shift else 1.0
             pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp + router_logratio[:, None], old, adv, mask, a.clip,
-                                                           shift if a.router_shift else 1.0)
+                                                           weight)
             plain_ratio = torch.where(mask, logp + router_logratio[:, None] - old, 0).exp().detach()
-            used_ratio = plain_ratio * shift if a.router_shift else plain_ratio
+            used_ratio = plain_ratio * weight
             stats["ratio_var"].append(float(masked_mean((used_ratio - masked_mean(used_ratio, mask)) ** 2, mask)))
             if a.router_shift:
                 stats["rs_gamma"].append(float(masked_mean(shift, mask)))
@@ -898,7 +899,7 @@ def train(args):
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
     env_batch = envs.make_env_batch(args.env, args.num_envs, args.max_steps, "train", args.alfworld_data)
-    try:
+    with contextlib.closing(env_batch):  # workers end with the run, however it ends
         bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
                    dynamic_ncols=True, file=sys.stdout)
         last = {}
@@ -935,8 +936,6 @@ def train(args):
             bar.set_postfix(success=f"{m['success']:.2f}", ret=f"{m['return']:.1f}", kl=f"{m['kl']:.3f}",
                             switches=f"{m['switches']:.1f}")
             last = m
-    finally:  # workers end with the run, however it ends
-        env_batch.close()
     return last
 
 
