@@ -2,7 +2,7 @@
 
 Run:
     python bench.py                 # timing table (CPU: tiny + mid model; CUDA: + Qwen2.5-1.5B's shape) -> bench.json
-    python bench.py ablation        # routing in {dense, token, trajectory, phase, phase + router shift} x 3 seeds
+    python bench.py ablation        # routing in {dense, token, trajectory, phase} x 3 seeds
                                     # on the toy env with the tiny model -> runs/ablation/ablation.md
     bash run.sh bench | ablation    # the same, in the project's environment
     python bench.py ablation --num_envs 16   # flags bench.py does not know go to every pamoe.py run
@@ -261,11 +261,10 @@ def bench(opts):
 # The routing ablation: pamoe.py runs in subprocesses, then one markdown table
 # ---------------------------------------------------------------------------------------------------------
 ABLATION = {"dense": ["--routing", "dense"], "token": ["--routing", "token"], "trajectory": ["--routing", "trajectory"],
-            "phase": ["--routing", "phase"], "phase+rs": ["--routing", "phase", "--router_shift", "true"]}
-LABEL = {"phase+rs": "phase + router shift"}
+            "phase": ["--routing", "phase"]}
 
 
-RESERVED = ("--routing", "--router_shift", "--seed", "--iterations", "--eval_every", "--eval_episodes", "--out_dir",
+RESERVED = ("--routing", "--seed", "--iterations", "--eval_every", "--eval_episodes", "--out_dir",
             "--resume")  # set by the ablation itself
 
 
@@ -361,8 +360,8 @@ def ablation_table(results, names, seeds):
     seeds); then expert usage per task type of every run (experts are named per run: letters do not match
     across seeds)."""
     tasks = envs.TASK_TYPES
-    cols = ["routing", "success", *tasks, "switches / episode", "phase purity", "clip fraction", "ratio variance",
-            "router-shift weight", "clip fraction without it"]
+    cols = ["routing", "success", *tasks, "switches / episode", "phase NMI", "task NMI", "experts >= 5%",
+            "clip fraction", "ratio variance"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for n in names:
         finals = [results[(n, s)][0] for s in seeds]
@@ -370,11 +369,12 @@ def ablation_table(results, names, seeds):
 
         def over_training(key):  # mean over a run's iterations, per seed
             return [np.mean([m[key] for m in lines]) if key in lines[0] else None for lines in train]
-        cells = [LABEL.get(n, n), spread([m["eval/success"] for m in finals]),
+        cells = [n, spread([m["eval/success"] for m in finals]),
                  *[spread([m.get(f"eval/success/{t}") for m in finals]) for t in tasks],
-                 spread([m["eval/switches"] for m in finals]), spread([m["eval/phase_purity"] for m in finals]),
-                 spread(over_training("clipfrac")), spread(over_training("ratio_var")),
-                 spread(over_training("rs_gamma")), spread(over_training("clipfrac_plain"))]
+                 spread([m["eval/switches"] for m in finals]), spread([m["eval/phase_nmi"] for m in finals]),
+                 spread([m["eval/task_nmi"] for m in finals]),
+                 spread([sum(v >= 0.05 for k, v in m.items() if k.startswith("eval/expert_share/")) for m in finals]),
+                 spread(over_training("clipfrac")), spread(over_training("ratio_var"))]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Expert usage per task type at the final evaluation (experts with >= 5% of the task's steps):", "",
             "| routing | seed | " + " | ".join(tasks) + " |", "|" + "---|" * (2 + len(tasks))]
@@ -386,7 +386,7 @@ def ablation_table(results, names, seeds):
                 use = sorted(((v, k.split("/")[-1]) for k, v in m.items() if k.startswith(f"eval/usage/{t}/")),
                              reverse=True)
                 cells.append(" ".join(f"{e} {v:.2f}" for v, e in use if v >= 0.05) or "-")
-            out.append(f"| {LABEL.get(n, n)} | {s} | " + " | ".join(cells) + " |")
+            out.append(f"| {n} | {s} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

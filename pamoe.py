@@ -40,12 +40,6 @@ Where this departs from the paper (and why):
   environment instead of AlfredTWEnv.init_env's gym batch, so that the seed chooses the game (fixed evaluation
   games, per-type tables) and a dead or hung game is reported and replaced. run.sh scales the paper's 128
   environments per iteration to 32 on one GPU and samples with HF generate (the paper's pipeline: vLLM).
-- `--router_shift true` adds RSPO's router-shift rescaling (arXiv 2510.23027, not part of PA-MoE): each token's
-  PPO ratio is multiplied, before clipping, by gamma = max(floor, exp(-mean |log p_new(k_old) - log p_old(k_old)|))
-  over the routing decisions that produced it (token routing: its expert in every layer; phase: the step's expert;
-  trajectory: the episode's), detached; dense routing has no decision (gamma = 1). Off by default so that the
-  default run is the paper's method; the ablation measures it (README). RSPO pairs it with GMPO's geometric-mean
-  sequence ratio; here it rescales plain PPO token ratios. The floor (0.5) is our choice.
 - `--action_format label` (default for the `tiny` model): the answer is the number of a listed admissible
   action instead of <think>..</think><action>..</action>, which a randomly initialised model cannot learn to
   write in minutes. `--action_format tagged` is the paper's form.
@@ -122,9 +116,12 @@ class Args:
     tau_end: float = arg(0.5, "router softmax temperature after --tau_steps router updates")
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly")
     switch_coef: float = arg(0.05, "lambda_s: temporal-consistency (soft switch) penalty")
-    balance_coef: float = arg(0.001, "lambda_b: load-balance penalty")
-    router_shift: bool = arg(False, "RSPO: rescale PPO ratios by the router-shift weight (see header; dense: no-op)")
-    router_shift_floor: float = arg(0.5, "lower bound of the router-shift weight")
+    balance: str = arg("sq", "load balance: sq (paper) | switch (Switch Transformer) | bias (DeepSeek-V3, loss-free)")
+    balance_coef: float = arg(0.001, "lambda_b: weight of the sq or switch balance loss")
+    bias_rate: float = arg(0.05, "--balance bias: u, the step by which each expert's choice bias moves per update")
+    router_init: str = arg("none", "phase routing: none | kmeans (fit the router to k-means clusters of frozen "
+                                   "step features of the initial policy's episodes before training)")
+    router_init_steps: int = arg(300, "--router_init kmeans: router fitting steps")
     # PPO
     gamma: float = arg(0.95, "discount per environment step")
     gae_lambda: float = arg(0.95, "GAE lambda")
@@ -157,6 +154,8 @@ class Args:
         need(self.routing in ("phase", "token", "trajectory", "dense"),
              f"unknown --routing {self.routing!r}; use phase, token, trajectory or dense")
         need(self.router_grad in ("st", "pg"), f"unknown --router_grad {self.router_grad!r}; use st or pg")
+        need(self.balance in ("sq", "switch", "bias"), f"unknown --balance {self.balance!r}; use sq, switch or bias")
+        need(self.router_init in ("none", "kmeans"), f"unknown --router_init {self.router_init!r}; use none or kmeans")
         need(self.action_format in envs.ANSWER, f"unknown --action_format {self.action_format!r}; use label or tagged")
         need(self.num_experts >= 1, f"--num_experts must be >= 1 (got {self.num_experts})")
         need(self.rank >= 1, f"--rank must be >= 1 (got {self.rank})")
@@ -170,8 +169,6 @@ class Args:
         need(self.temperature > 0 and self.eval_temperature > 0, "temperatures must be > 0")
         need(not self.resume or os.path.isfile(self.resume),
              f"--resume {self.resume}: no such file; point it at a checkpoint.pt or drop the flag")
-        need(0 < self.router_shift_floor <= 1,
-             f"--router_shift_floor must be in (0, 1] (got {self.router_shift_floor})")
         need(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}; use auto, cpu or cuda")
         need(self.device != "cuda" or torch.cuda.is_available(),
              "--device cuda but no CUDA device is visible; use --device cpu (or auto)")
@@ -336,8 +333,8 @@ class LoRAExperts(nn.Module):
         h = x.float() @ self.A  # (B, T, K*r): all experts at once
         # Per-phase masked backprop: columns of unrouted experts are multiplied by 0 here, so their A and B
         # receive exactly zero gradient; only tokens routed to expert k train expert k.
-        h = h * gates.repeat_interleave(self.r, dim=-1)  # (B, T, K*r)
-        return y + (self.scale * (h @ self.B)).to(y.dtype)
+        h = h * (self.scale * gates).repeat_interleave(self.r, dim=-1)  # (B, T, K*r); alpha/r folded in
+        return y + (h @ self.B).to(y.dtype)
 
 
 def attach_experts(model, args):
@@ -443,21 +440,13 @@ def clip_fraction(ratio, mask, clip):
     return masked_mean(((ratio - 1).abs() > clip).float(), mask)
 
 
-def ppo_policy_loss(logp, old_logp, adv, mask, clip, shift=1.0):
+def ppo_policy_loss(logp, old_logp, adv, mask, clip):
     """Clipped surrogate, token-mean over the response tokens in `mask`. logp, old_logp, adv, mask: (B, R).
-    shift: router-shift weights (B, R) that rescale the ratio before clipping (RSPO), 1 for plain PPO.
     Returns loss, clip fraction, approx KL (old || new)."""
     log_ratio = torch.where(mask, logp - old_logp, 0)
-    ratio = log_ratio.exp() * shift
+    ratio = log_ratio.exp()
     surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
     return masked_mean(surrogate, mask), clip_fraction(ratio, mask, clip), masked_mean(-log_ratio, mask)
-
-
-def router_shift_weight(logp_new, logp_old, floor):
-    """RSPO's router-shift weight: gamma = max(floor, exp(-mean_d |log p_new(k_d) - log p_old(k_d)|)) over the D
-    routing decisions d that produced a sample (k_d: the expert chosen in the rollout). logp_new, logp_old: (..., D).
-    Detached: it rescales the ratio, it is not trained through. 1 when the router has not changed."""
-    return (-(logp_new - logp_old).abs().mean(-1)).exp().clamp(min=floor).detach()
 
 
 def kl_k3(logp, ref_logp, mask):
@@ -474,9 +463,45 @@ def switch_penalty(p, p_next, valid):
     return masked_mean(1 - (p * p_next).sum(-1), valid)
 
 
-def load_balance(p):
-    """sum_k (mean_batch p_k - 1/K)^2 for router probabilities p (..., K)."""
-    return ((p.reshape(-1, p.shape[-1]).mean(0) - 1 / p.shape[-1]) ** 2).sum()
+def balance_loss(p, k, mode):
+    """Load balance of routing decisions: router probabilities p (N, K), chosen experts k (N,).
+    sq:     sum_k (P_k - 1/K)^2, P_k = mean_n p_n,k (the paper's form);
+    switch: K sum_k f_k P_k, f_k the hard share of decisions routed to k, no gradient (Switch Transformer,
+            Fedus et al. 2021; GShard, Mixtral); 1 at uniform load, K when one expert takes everything;
+    bias:   no loss term (DeepSeek-V3's auxiliary-loss-free balancing moves a choice bias instead, ppo_update)."""
+    K, P = p.shape[-1], p.mean(0)
+    if mode == "sq":
+        return ((P - 1 / K) ** 2).sum()
+    if mode == "switch":
+        return K * (torch.bincount(k, minlength=K).to(p.dtype) / len(k) * P).sum()
+    return p.sum() * 0
+
+
+def nmi(a, b):
+    """Normalised mutual information I(a; b) / mean(H(a), H(b)) of two labelings of the same items (lists of
+    hashables): 1 for a one-to-one map, 0 for independent labelings or when either is constant."""
+    n, pa, pb, pab = len(a), Counter(a), Counter(b), Counter(zip(a, b))
+    mi = sum(c / n * math.log(c * n / (pa[x] * pb[y])) for (x, y), c in pab.items())
+    h = [-sum(c / n * math.log(c / n) for c in cnt.values()) for cnt in (pa, pb)]
+    return 0.0 if min(h) <= 0 else max(0.0, mi) / (sum(h) / 2)
+
+
+def kmeans(x, K, seed, iters=100):
+    """Lloyd's k-means with k-means++ seeding on the rows of x (N, D). Returns cluster ids (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randint(len(x), (1,), generator=g)]
+    for _ in range(1, K):
+        d2 = torch.cdist(x, centres).min(1).values ** 2  # k-means++: far points are likelier centres
+        if d2.sum() == 0:
+            raise ValueError(f"k-means: fewer than K={K} distinct feature rows")
+        centres = torch.cat([centres, x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
+    for _ in range(iters):
+        ids = torch.cdist(x, centres).argmin(1)
+        new = torch.stack([x[ids == j].mean(0) if (ids == j).any() else centres[j] for j in range(K)])
+        if torch.equal(new, centres):
+            break
+        centres = new
+    return ids
 
 
 def explained_variance(pred, target):
@@ -497,6 +522,7 @@ class Agent(nn.Module):
         step_routed = args.routing in ("phase", "trajectory")
         self.router = StepHead(d, K, args.router_hidden, args.router_layers).to(device) if step_routed else None
         self.critic = StepHead(d, 1, args.router_hidden, args.router_layers).to(device)
+        self.register_buffer("router_bias", torch.zeros(K, device=device))  # --balance bias: used to choose only
 
     def param_groups(self):
         a = self.args
@@ -506,7 +532,8 @@ class Agent(nn.Module):
         return [{"name": n, "params": p, "lr": lr} for n, p, lr in groups if p]
 
     def trainable_state(self):
-        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+        state = {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+        return {**state, "router_bias": self.router_bias.clone()}
 
     def format_prompt(self, text):
         if self.tok.chat_template:
@@ -525,9 +552,8 @@ class Agent(nn.Module):
 
     def response_logprobs(self, seqs, prompt_lens, resp_lens, temperature, gates, experts_on=True):
         """Log-probs (B, R) and entropies (B, R) of each response token at the sampling temperature, from one
-        plain forward over prompt + response (right-padded). gates (B, 1, K) or None (token routing).
-        Also returns the mask (B, R) and, for token routing, each layer's router probabilities at the position
-        that predicts each response token (B, R, layers, K); else None."""
+        plain forward over prompt + response (right-padded), and the mask (B, R) of real response tokens.
+        gates (B, 1, K), or None for token routing."""
         R = max(resp_lens)
         ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.tok.pad_token_id).to(self.device)
         attn = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs],
@@ -538,18 +564,13 @@ class Agent(nn.Module):
         pos = (pl[:, None] + j[None] - 1).clamp(max=ids.shape[1] - 1)  # position predicting response token j
         with self.routing(gates) if experts_on else contextlib.nullcontext():
             hidden = self.lm.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-        routes = None
-        if experts_on and self.routing.token_probs:
-            K = self.routing.token_probs[0].shape[-1]
-            routes = torch.stack([p.gather(1, pos[..., None].expand(-1, -1, K)) for p in self.routing.token_probs],
-                                 2)  # (B, R, layers, K)
         hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
         logits = self.lm.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
         logp_all = F.log_softmax(logits, dim=-1)
         targets = ids.gather(1, (pos + 1).clamp(max=ids.shape[1] - 1))
         logp = logp_all.gather(-1, targets[..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return torch.where(mask, logp, 0), torch.where(mask, entropy, 0), mask, routes
+        return torch.where(mask, logp, 0), torch.where(mask, entropy, 0), mask
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,7 +616,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
         win = torch.tensor([window(n, t) for n in lanes], device=dev)  # (A, L)
         if agent.router is not None and (a.routing == "phase" or t == 0):  # trajectory: decide at step 0 only
             p = router_probs(agent.router, torch.stack(rows)[win], goal_states[lane_idx], goal_mask[lane_idx], tau)
-            k = p.argmax(-1) if greedy_router else torch.multinomial(p, 1)[:, 0]
+            choose = p.log() + agent.router_bias / tau  # the bias (--balance bias) chooses, it never enters p
+            k = choose.argmax(-1) if greedy_router else torch.multinomial(F.softmax(choose, -1), 1)[:, 0]
             episode_k[lane_idx], episode_logp[lane_idx] = k, p.gather(1, k[:, None])[:, 0].log()
         k, router_logp = episode_k[lane_idx], episode_logp[lane_idx]  # dense: expert 0, log-prob 0
         prompts = [agent.fit_prompt(infos[n], obs[n], history[n], t) for n in lanes]
@@ -658,6 +680,35 @@ def rollout_stats(S, N):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Label-free router initialisation (--router_init kmeans)
+# ---------------------------------------------------------------------------------------------------------
+def init_router_kmeans(agent, env_batch, seeds, tau):
+    """Before RL: play one episode per lane with the initial policy (experts zero: the base model alone), cluster
+    the frozen features [observation ; previous action] of every step into K groups with k-means (no labels, no
+    hidden phases), and fit the phase router to those cluster ids by cross-entropy at temperature tau, so that the
+    experts start on different kinds of steps. The label-free counterpart of the released code's router
+    pre-training on heuristic phase labels. Returns the fraction of steps the fitted router assigns to their
+    cluster (argmax)."""
+    a = agent.args
+    R = rollout(agent, env_batch, seeds, tau, a.temperature, greedy_router=False)
+    windows, lanes = torch.tensor(R["window"], device=agent.device), torch.tensor(R["lane"], device=agent.device)
+    ids = kmeans(R["table"][windows[:, -1]].cpu(), a.num_experts, a.seed).to(agent.device)  # (S,)
+    opt = torch.optim.Adam(agent.router.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(a.seed)
+    for _ in range(a.router_init_steps):
+        mb = torch.randint(len(ids), (min(128, len(ids)),), generator=g).to(agent.device)
+        p = router_probs(agent.router, R["table"][windows[mb]], R["goal_states"][lanes[mb]],
+                         R["goal_mask"][lanes[mb]], tau)
+        loss = F.nll_loss(p.clamp(min=1e-12).log(), ids[mb])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p = router_probs(agent.router, R["table"][windows], R["goal_states"][lanes], R["goal_mask"][lanes], tau)
+    return float((p.argmax(-1) == ids).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
 # PPO update over one rollout
 # ---------------------------------------------------------------------------------------------------------
 def step_gates_for(agent, idx, k):
@@ -681,9 +732,10 @@ def prepare_batch(agent, R):
     lengths = torch.bincount(lanes, minlength=N)
     valid = torch.arange(T, device=dev)[None] < lengths[:, None]  # (N, T)
     next_V = torch.cat([V[:, 1:], torch.zeros(N, 1, device=dev)], 1)
-    for n, w in R["final_window"].items():  # truncation bootstraps from V of the final observation
-        fv = agent.critic(R["table"][torch.tensor([w], device=dev)], R["goal_states"][[n]], R["goal_mask"][[n]])
-        next_V[n, lengths[n] - 1] = fv[0, 0]
+    if R["final_window"]:  # truncation bootstraps from V of the final observation
+        tl = torch.tensor(list(R["final_window"]), device=dev)
+        fw = torch.tensor(list(R["final_window"].values()), device=dev)
+        next_V[tl, lengths[tl] - 1] = agent.critic(R["table"][fw], R["goal_states"][tl], R["goal_mask"][tl])[:, 0]
     dones = torch.where(valid, torch.maximum(term, trunc), 1.0)
     adv, ret = gae(rew, V, next_V, term, dones, a.gamma, a.gae_lambda)
     adv = whiten(adv, valid)
@@ -695,31 +747,33 @@ def prepare_batch(agent, R):
     # the trajectory router decides once, from the window of the episode's first step
     first = torch.tensor([pos[(n, 0)] for n in R["lane"]], device=dev)
     B["router_windows"] = windows[first] if a.routing == "trajectory" else windows
-    B["old_logp"], B["ref_logp"], B["old_routes"] = [], [], []
-    for mb in torch.arange(len(R["seq"])).split(a.minibatch):
+    B["old_logp"], B["ref_logp"] = [None] * len(R["seq"]), [None] * len(R["seq"])
+    by_length = torch.tensor([len(s) for s in R["seq"]]).argsort()  # similar lengths together: less padding
+    for mb in by_length.split(a.minibatch):
         seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
-        old, _, _, routes = agent.response_logprobs(seqs, pl, rl, a.temperature,
-                                                    step_gates_for(agent, mb.to(dev), B["k"]))
+        old = agent.response_logprobs(seqs, pl, rl, a.temperature, step_gates_for(agent, mb.to(dev), B["k"]))[0]
         ref = agent.response_logprobs(seqs, pl, rl, a.temperature, None, experts_on=False)[0]
-        B["old_logp"] += [lp[:n] for lp, n in zip(old, rl)]
-        B["ref_logp"] += [lp[:n] for lp, n in zip(ref, rl)]
-        if routes is not None:  # token routing: the rollout's probabilities of every token's route, per layer
-            B["old_routes"] += [r[:n] for r, n in zip(routes, rl)]  # (R, layers, K) each
+        for i, lp_old, lp_ref, n in zip(mb.tolist(), old, ref, rl):
+            B["old_logp"][i], B["ref_logp"][i] = lp_old[:n], lp_ref[:n]
     return B
+
+
+def grad_norm(grads):
+    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
 
 
 def ppo_update(agent, opt, R, B, tau_state):
     """Several epochs of minibatch PPO over one rollout; experts, router and critic step together.
-    Returns mean statistics."""
+    Returns mean statistics, among them the norm of the router gradient that each term contributes."""
     a, dev = agent.args, agent.device
     stats = defaultdict(list)
+    router_params = list(agent.router.parameters()) if agent.router is not None else []
     for _ in range(a.epochs):
         for mb in torch.randperm(len(R["seq"])).split(a.minibatch):
             seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
             mb = mb.to(dev)
             lanes, k = B["lanes"][mb], B["k"][mb]
-            router_logratio, aux = torch.zeros(len(mb), device=dev), torch.zeros((), device=dev)
-            route_logp_new = route_logp_old = torch.zeros(len(mb), 1, 1, device=dev)  # (B, R, decisions): none
+            router_logratio, aux_terms = torch.zeros(len(mb), device=dev), {}
             gates = step_gates_for(agent, mb, B["k"])
             if agent.router is not None:
                 tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
@@ -729,47 +783,40 @@ def ppo_update(agent, opt, R, B, tau_state):
                 p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl],
                                          tau).chunk(2)  # (B, K) each
                 gates = step_gates(p, k, a.router_grad == "st")
-                logp_k = p.gather(1, k[:, None])[:, 0].log()  # log p_t(k_t) of the expert chosen in the rollout
-                route_logp_new, route_logp_old = logp_k[:, None, None], B["router_logp"][mb][:, None, None]
-                if a.router_grad == "pg":  # the expert choice is part of the action: it joins the PPO ratio
-                    router_logratio = logp_k - B["router_logp"][mb]
+                if a.router_grad == "pg":  # the expert choice is part of the action: log p_t(k_t) joins the ratio
+                    router_logratio = p.gather(1, k[:, None])[:, 0].log() - B["router_logp"][mb]
                 sw = switch_penalty(p, p_next, nxt >= 0)
-                aux = a.switch_coef * sw + a.balance_coef * load_balance(p)
+                aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance_loss(p, k, a.balance)}
                 stats["switch_penalty"].append(float(sw.detach()))
                 stats["router_entropy"].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean().detach()))
-            logp, ent, mask, routes = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)
+            logp, ent, mask = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)
             if a.routing == "token":  # balance of every layer's token router over the real tokens
                 real = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs],
                                                  batch_first=True).to(dev)
-                aux = a.balance_coef * torch.stack([load_balance(pr[real]) for pr in agent.routing.token_probs]).mean()
-                old_routes = nn.utils.rnn.pad_sequence([B["old_routes"][i] for i in mb], batch_first=True,
-                                                       padding_value=1.0)  # (B, R, layers, K)
-                k_old = old_routes.argmax(-1, keepdim=True)  # each token's expert per layer in the rollout
-                route_logp_new = routes.gather(-1, k_old)[..., 0].log()  # (B, R, layers)
-                route_logp_old = old_routes.gather(-1, k_old)[..., 0].log()
+                aux_terms = {"balance": a.balance_coef * torch.stack(
+                    [balance_loss(pr[real], pr[real].argmax(-1), a.balance) for pr in agent.routing.token_probs]).mean()}
             old = nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb], batch_first=True)  # (B, R)
             ref = nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb], batch_first=True)
             adv = B["adv"][mb][:, None].expand_as(logp)  # the step's advantage on every one of its tokens
-            # RSPO: one weight per token (token routing: its layers' decisions; phase/trajectory: the step's or
-            # episode's decision, shared by all its tokens; dense: no decision, weight 1)
-            shift = router_shift_weight(route_logp_new, route_logp_old, a.router_shift_floor).expand_as(logp)
-            weight = shift if a.router_shift else 1.0
-            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp + router_logratio[:, None], old, adv, mask, a.clip,
-                                                           weight)
-            plain_ratio = torch.where(mask, logp + router_logratio[:, None] - old, 0).exp().detach()
-            used_ratio = plain_ratio * weight
-            stats["ratio_var"].append(float(masked_mean((used_ratio - masked_mean(used_ratio, mask)) ** 2, mask)))
-            if a.router_shift:
-                stats["rs_gamma"].append(float(masked_mean(shift, mask)))
-                stats["rs_at_floor"].append(float(masked_mean((shift <= a.router_shift_floor).float(), mask)))
-                stats["clipfrac_plain"].append(float(clip_fraction(plain_ratio, mask, a.clip)))
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp + router_logratio[:, None], old, adv, mask, a.clip)
+            ratio = torch.where(mask, logp + router_logratio[:, None] - old, 0).exp().detach()
+            stats["ratio_var"].append(float(masked_mean((ratio - masked_mean(ratio, mask)) ** 2, mask)))
             kl = kl_k3(logp, ref, mask)
             entropy = masked_mean(ent, mask)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = 0.5 * ((v - B["ret"][mb]) ** 2).mean()
-            loss = pg_loss + a.kl_coef * kl - a.ent_coef * entropy + a.vf_coef * v_loss + aux
+            loss = pg_loss + a.kl_coef * kl - a.ent_coef * entropy + a.vf_coef * v_loss + sum(aux_terms.values())
+            # diagnosis: the router gradient of each auxiliary term alone; the task's is the rest of the total
+            aux_grads = {name: torch.autograd.grad(term, router_params, retain_graph=True, allow_unused=True)
+                         for name, term in aux_terms.items() if router_params and term.requires_grad}
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if router_params:
+                task = [p_.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
+                        for i, p_ in enumerate(router_params) if p_.grad is not None]
+                stats["router_grad/task"].append(grad_norm(task))
+                for name in ("switch", "balance"):
+                    stats[f"router_grad/{name}"].append(grad_norm(aux_grads.get(name, [])))
             for g in opt.param_groups:
                 torch.nn.utils.clip_grad_norm_(g["params"], a.max_grad_norm)
             opt.step()
@@ -777,6 +824,9 @@ def ppo_update(agent, opt, R, B, tau_state):
             for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
                              ("entropy", entropy), ("value_loss", v_loss)):
                 stats[key].append(float(val.detach()))
+    if a.balance == "bias" and agent.router is not None:  # DeepSeek-V3: raise under-used experts, lower over-used
+        share = torch.bincount(B["k"], minlength=len(agent.router_bias)).float() / len(B["k"])
+        agent.router_bias += a.bias_rate * torch.sign(share.mean() - share)
     out = {key: float(np.mean(v)) for key, v in stats.items()}
     out["explained_variance"] = explained_variance(B["values"], B["ret"])
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
@@ -824,6 +874,10 @@ def evaluate(agent, tau):
     for k, ph in zip(S["k"], S["phase"]):
         by_expert[k][ph] += 1
     m["eval/phase_purity"] = sum(max(c.values()) for c in by_expert.values()) / len(S["k"])
+    m["eval/phase_nmi"], m["eval/task_nmi"] = nmi(S["k"], S["phase"]), nmi(S["k"], S["task_type"])
+    share = np.bincount(S["k"], minlength=K) / len(S["k"])
+    m["eval/share_entropy"] = -sum(x * math.log(x) for x in share if x > 0)
+    m.update({f"eval/expert_share/{letters[k]}": share[k] for k in range(K)})
     code = {}
     for ph in sorted(set(S["phase"])):  # one letter per phase: its initial, upper-cased if already taken
         code[ph] = ph[0] if ph[0] not in code.values() else ph[0].upper()
@@ -900,6 +954,10 @@ def train(args):
         os.remove(metrics_path)
     env_batch = envs.make_env_batch(args.env, args.num_envs, args.max_steps, "train", args.alfworld_data)
     with contextlib.closing(env_batch):  # workers end with the run, however it ends
+        if args.router_init == "kmeans" and args.routing == "phase" and not args.resume:
+            fit = init_router_kmeans(agent, env_batch, [args.seed * 1_000_003 + n for n in range(args.num_envs)],
+                                     args.tau_start)
+            tqdm.write(f"router initialised on k-means clusters of step features: reproduces {fit:.0%} of steps")
         bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
                    dynamic_ncols=True, file=sys.stdout)
         last = {}
