@@ -74,6 +74,12 @@ def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def need(ok, msg):
+    """A bad input stops the run at once with one line that names the flag, the value and the fix."""
+    if not ok:
+        raise SystemExit(f"pamoe.py: error: {msg}")
+
+
 @dataclass
 class Args:
     # run
@@ -138,38 +144,39 @@ class Args:
     weight_decay: float = arg(0.01, "AdamW weight decay")
 
     def validate(self):
-        """Fail fast, before any model loads, with the fix in the message."""
-        def need(ok, msg):
-            if not ok:
-                raise SystemExit(f"pamoe.py: error: {msg}")
-        need(self.env in envs.ENVS, f"unknown --env {self.env!r}; use toy or alfworld")
+        """Every flag by its meaning, before any model loads."""
+        for name, valid in CHOICES.items():
+            need(getattr(self, name) in valid, f"unknown --{name} {getattr(self, name)!r}; use {' | '.join(valid)}")
+        for name, interval in RANGES.items():
+            need(within(getattr(self, name), interval),
+                 f"--{name} {getattr(self, name)} is out of range; use a value in {interval}")
         if self.env == "alfworld":
             need(importlib.util.find_spec("alfworld") is not None,
                  "--env alfworld needs the alfworld package: pip install alfworld==0.4.2 (bash run.sh installs it)")
             self.alfworld_data = self.alfworld_data or os.environ.get("ALFWORLD_DATA", "")
-            need(self.eval_split in envs.ALFWORLD_SPLITS and self.eval_split != "train",
-                 f"unknown --eval_split {self.eval_split!r}; use eval_in_distribution or eval_out_of_distribution")
             error = envs.alfworld_data_error(self.alfworld_data, ("train", self.eval_split))
-            need(error is None, error)
-        need(self.routing in ("phase", "token", "trajectory", "dense"),
-             f"unknown --routing {self.routing!r}; use phase, token, trajectory or dense")
-        need(self.router_grad in ("st", "pg"), f"unknown --router_grad {self.router_grad!r}; use st or pg")
-        need(self.balance in ("sq", "switch", "bias"), f"unknown --balance {self.balance!r}; use sq, switch or bias")
-        need(self.router_init in ("none", "kmeans"), f"unknown --router_init {self.router_init!r}; use none or kmeans")
-        need(self.action_format in envs.ANSWER, f"unknown --action_format {self.action_format!r}; use label or tagged")
-        need(self.num_experts >= 1, f"--num_experts must be >= 1 (got {self.num_experts})")
-        need(self.rank >= 1, f"--rank must be >= 1 (got {self.rank})")
-        need(self.dense_rank >= 0, f"--dense_rank must be >= 0 (got {self.dense_rank}); 0 means --rank")
-        need(self.router_window >= 1, f"--router_window must be >= 1 (got {self.router_window})")
-        need(min(self.num_envs, self.max_steps, self.minibatch, self.epochs, self.max_new_tokens) >= 1,
-             "--num_envs, --max_steps, --minibatch, --epochs and --max_new_tokens must be >= 1")
-        need(self.max_prompt_tokens >= 64, f"--max_prompt_tokens must be >= 64 (got {self.max_prompt_tokens})")
-        need(self.iterations >= 0 and self.ckpt_every >= 1 and self.eval_every >= 0,
-             "--iterations and --eval_every must be >= 0, --ckpt_every >= 1")
-        need(self.temperature > 0 and self.eval_temperature > 0, "temperatures must be > 0")
+            need(error is None, f"--alfworld_data {self.alfworld_data!r}: {error}")
+        # combinations that cannot work, sizes that exhaust memory, paths that cannot be read or written
+        n = max(self.num_envs, self.eval_episodes)  # episodes of one rollout: all their steps stay in memory
+        need(n * self.max_steps <= 100_000, f"--num_envs/--eval_episodes {n} x --max_steps {self.max_steps} steps per "
+             f"rollout would exhaust memory; keep the product <= 100000")
+        need(self.eval_episodes or not self.eval_every, f"--eval_episodes 0 with --eval_every {self.eval_every} "
+             f"evaluates nothing; set --eval_episodes >= 1 or --eval_every 0")
+        need(self.router_window <= self.max_steps, f"--router_window {self.router_window} is longer than an episode "
+             f"(--max_steps {self.max_steps}); use --router_window <= {self.max_steps}")
+        need(self.action_format == "label" or self.max_new_tokens >= 16, f"--max_new_tokens {self.max_new_tokens} "
+             f"cannot hold a tagged answer (<think></think><action>1</action>: ~15 tokens); use >= 16 (paper: 512)")
+        need(all(t.isidentifier() for t in self.targets.split(",")),
+             f"--targets {self.targets!r}: give module names separated by commas only, e.g. q_proj,v_proj")
+        need(not (self.model.startswith(("/", ".")) or os.path.exists(self.model)) or os.path.isdir(self.model),
+             f"--model {self.model}: no such folder; give a model folder, a Hugging Face name or tiny")
+        parent = self.out_dir  # the nearest existing folder must be writable
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        need(self.out_dir and os.path.isdir(parent or ".") and os.access(parent or ".", os.W_OK),
+             f"--out_dir {self.out_dir!r}: not a folder that can be created and written; choose another one")
         need(not self.resume or os.path.isfile(self.resume),
              f"--resume {self.resume}: no such file; point it at a checkpoint.pt or drop the flag")
-        need(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}; use auto, cpu or cuda")
         need(self.device != "cuda" or torch.cuda.is_available(),
              "--device cuda but no CUDA device is visible; use --device cpu (or auto)")
         return self
@@ -178,6 +185,31 @@ class Args:
     def experts(self):
         """(K, rank) as built: dense routing is one expert."""
         return (1, self.dense_rank or self.rank) if self.routing == "dense" else (self.num_experts, self.rank)
+
+
+# Valid values of every numeric flag: "[" and "]" include the bound, "(" and ")" exclude it, so nan and inf never
+# pass. Sizes are bounded generously, far above what fits one GPU; --num_experts by the letters A..P of the tables.
+RANGES = {
+    "seed": "[0, 4294967295]", "iterations": "[0, inf)", "num_envs": "[1, 4096]", "max_steps": "[1, 1000]",
+    "history": "[0, 1000]", "max_prompt_tokens": "[64, 131072]", "max_new_tokens": "[1, 8192]",
+    "tiny_format_steps": "[0, 100000]", "temperature": "(0, inf)", "eval_temperature": "(0, inf)",
+    "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "ckpt_every": "[1, inf)", "num_experts": "[1, 16]",
+    "rank": "[1, 1024]", "alpha": "(0, inf)", "dense_rank": "[0, 16384]", "router_window": "[1, 1000]",
+    "router_hidden": "[1, 4096]", "router_layers": "[1, 16]", "tau_start": "(0, inf)", "tau_end": "(0, inf)",
+    "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)", "bias_rate": "[0, inf)",
+    "router_init_steps": "[0, 100000]", "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "clip": "(0, 1)",
+    "kl_coef": "[0, inf)", "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "epochs": "[1, 100]",
+    "minibatch": "[1, 4096]", "max_grad_norm": "(0, inf)", "lr_experts": "[0, 1]", "lr_router": "[0, 1]",
+    "lr_critic": "[0, 1]", "weight_decay": "[0, 1]"}
+CHOICES = {"env": envs.ENVS, "eval_split": ("eval_in_distribution", "eval_out_of_distribution"),
+           "device": ("auto", "cpu", "cuda"), "action_format": tuple(envs.ANSWER),
+           "routing": ("phase", "token", "trajectory", "dense"), "router_grad": ("st", "pg"),
+           "balance": ("sq", "switch", "bias"), "router_init": ("none", "kmeans")}
+
+
+def within(x, interval):
+    lo, hi = map(float, interval[1:-1].split(","))
+    return (lo <= x if interval[0] == "[" else lo < x) and (x <= hi if interval[-1] == "]" else x < hi)
 
 
 def boolean(text):

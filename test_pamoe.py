@@ -1,9 +1,13 @@
 """Tests for PA-MoE: equivalences, gradients, pure algorithm functions against naive references, the toy env,
 checkpoints and an end-to-end learning run. CPU only, no downloads."""
+import dataclasses
 import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -172,7 +176,7 @@ def test_ppo_ratio_is_one_on_first_minibatch_and_kl_zero_while_experts_are_zero(
 def test_multi_token_answers_sample_from_the_policy_ppo_scores():
     """The GPU path: tagged answers of several tokens behind a chat template. Sampling (HF generate, temperature,
     no top-k / top-p) must draw from exactly the distribution whose log-probs PPO recomputes."""
-    agent = make_agent("--action_format", "tagged", "--max_new_tokens", "6")
+    agent = make_agent("--action_format", "tagged", "--max_new_tokens", "16")
     randomize_experts(agent)
     agent.tok.chat_template = ("{% for m in messages %}user : {{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %} assistant :{% endif %}")
@@ -193,7 +197,7 @@ def test_multi_token_answers_sample_from_the_policy_ppo_scores():
     assert mask.all()
     torch.testing.assert_close(logp, sampled, atol=1e-4, rtol=0)
     R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
-    assert max(R["resp_len"]) > 1 and max(R["resp_len"]) <= 6
+    assert max(R["resp_len"]) > 1 and max(R["resp_len"]) <= 16
     assert all(r == pytest.approx(-0.1) for r, bad in zip(R["reward"], R["invalid"]) if bad)  # random text: invalid
 
 
@@ -273,16 +277,56 @@ def test_prompt_holds_task_history_and_admissible_actions():
 
 
 # --- arguments, checkpoints, end to end ---------------------------------------------------------------------
-@pytest.mark.parametrize("flags, words", [
-    (["--num_experts", "0"], "--num_experts must be >= 1"),
-    (["--rank", "0"], "--rank must be >= 1"),
-    (["--routing", "expert"], "unknown --routing"),
-    (["--env", "webshop"], "unknown --env"),
-    (["--resume", "/nonexistent/ckpt.pt"], "no such file"),
-])
-def test_bad_arguments_stop_with_the_fix(flags, words):
-    with pytest.raises(SystemExit, match=words):
-        pamoe.parse_args(flags)
+UNWRITABLE = os.path.join(os.path.abspath(__file__), "run")  # a folder under a regular file: never creatable
+BAD_FLAGS = [  # (the flag the message must name, a command line a new user might type)
+    ("env", ["--env", "webshop"]), ("alfworld_data", ["--env", "alfworld", "--alfworld_data", "/nonexistent"]),
+    ("eval_split", ["--eval_split", "train"]), ("model", ["--model", "/nonexistent/model"]),
+    ("model", ["--model", "./no-such-model"]), ("device", ["--device", "tpu"]), ("seed", ["--seed", "-1"]),
+    ("seed", ["--seed", "1.5"]), ("out_dir", ["--out_dir", UNWRITABLE]), ("out_dir", ["--out_dir", ""]),
+    ("resume", ["--resume", "/nonexistent/ckpt.pt"]), ("iterations", ["--iterations", "-1"]),
+    ("num_envs", ["--num_envs", "0"]), ("num_envs", ["--num_envs", "4096", "--max_steps", "1000"]),
+    ("max_steps", ["--max_steps", "0"]), ("history", ["--history", "-1"]),
+    ("max_prompt_tokens", ["--max_prompt_tokens", "10"]), ("action_format", ["--action_format", "json"]),
+    ("max_new_tokens", ["--max_new_tokens", "0"]), ("max_new_tokens", ["--action_format", "tagged"]),
+    ("tiny_format_steps", ["--tiny_format_steps", "-5"]), ("temperature", ["--temperature", "0"]),
+    ("temperature", ["--temperature", "nan"]), ("eval_temperature", ["--eval_temperature", "-1"]),
+    ("eval_every", ["--eval_every", "-1"]), ("eval_episodes", ["--eval_episodes", "0"]),
+    ("eval_episodes", ["--eval_episodes", "100000"]), ("ckpt_every", ["--ckpt_every", "0"]),
+    ("routing", ["--routing", "expert"]), ("num_experts", ["--num_experts", "0"]),
+    ("num_experts", ["--num_experts", "17"]), ("rank", ["--rank", "0"]), ("rank", ["--rank", "100000"]),
+    ("alpha", ["--alpha", "inf"]), ("dense_rank", ["--dense_rank", "-1"]), ("targets", ["--targets", ""]),
+    ("targets", ["--targets", "q_proj, v_proj"]), ("router_grad", ["--router_grad", "reinforce"]),
+    ("router_window", ["--router_window", "0"]), ("router_window", ["--router_window", "30"]),
+    ("router_hidden", ["--router_hidden", "1000000"]), ("router_layers", ["--router_layers", "0"]),
+    ("tau_start", ["--tau_start", "0"]), ("tau_end", ["--tau_end", "-0.5"]), ("tau_steps", ["--tau_steps", "0"]),
+    ("switch_coef", ["--switch_coef", "-0.05"]), ("balance", ["--balance", "none"]),
+    ("balance_coef", ["--balance_coef", "nan"]), ("bias_rate", ["--bias_rate", "-1"]),
+    ("router_init", ["--router_init", "random"]), ("router_init_steps", ["--router_init_steps", "-1"]),
+    ("gamma", ["--gamma", "1.5"]), ("gae_lambda", ["--gae_lambda", "-0.1"]), ("clip", ["--clip", "-0.2"]),
+    ("clip", ["--clip", "abc"]), ("clip", ["--clip", "nan"]), ("kl_coef", ["--kl_coef", "-1"]),
+    ("ent_coef", ["--ent_coef", "inf"]), ("vf_coef", ["--vf_coef", "-0.5"]), ("epochs", ["--epochs", "0"]),
+    ("minibatch", ["--minibatch", "0"]), ("max_grad_norm", ["--max_grad_norm", "0"]),
+    ("lr_experts", ["--lr_experts", "-0.001"]), ("lr_router", ["--lr_router", "10"]),
+    ("lr_critic", ["--lr_critic", "nan"]), ("weight_decay", ["--weight_decay", "-0.01"]),
+    ("no_such_flag", ["--no_such_flag", "1"]),
+]
+
+
+@pytest.mark.parametrize("flag, argv", BAD_FLAGS, ids=[" ".join(argv) for _, argv in BAD_FLAGS])
+def test_every_bad_flag_stops_with_one_line_that_names_it(flag, argv, capsys):
+    with pytest.raises(SystemExit) as stop:  # any other exception would be a traceback
+        pamoe.parse_args(argv)
+    code = stop.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().err  # argparse: status 2, usage on stderr
+    assert code not in (0, None) and f"--{flag}" in message and "expected one argument" not in message
+    if isinstance(code, str):
+        assert code.startswith("pamoe.py: error: ") and "\n" not in code
+
+
+def test_the_bad_flag_sweep_covers_every_flag():
+    assert {f.name for f in dataclasses.fields(pamoe.Args)} <= {flag for flag, _ in BAD_FLAGS}
+    pamoe.parse_args(["--action_format", "tagged", "--max_new_tokens", "16", "--eval_episodes", "0",
+                      "--eval_every", "0", "--seed", "0", "--lr_router", "0"])  # the bounds themselves are valid
 
 
 def test_cuda_requested_without_cuda_stops(monkeypatch):
@@ -461,7 +505,8 @@ def test_missing_alfworld_data_names_both_fixes(monkeypatch, flags):
 
 def test_one_iteration_on_the_mini_set_end_to_end(mini, tmp_path):
     out = str(tmp_path / "run")
-    last = pamoe.main(SMALL + ["--env", "alfworld", "--alfworld_data", mini, "--max_steps", "4", "--iterations", "1",
+    last = pamoe.main(SMALL + ["--env", "alfworld", "--alfworld_data", mini, "--max_steps", "4", "--router_window", "4",
+                               "--iterations", "1",
                                "--eval_every", "1", "--eval_episodes", "6", "--out_dir", out])
     assert last["env_steps"] > 0 and math.isfinite(last["pg_loss"]) and 0 <= last["eval/success"] <= 1
     columns = {k.split("/")[-1] for k in last if k.startswith("eval/success/")}
