@@ -306,9 +306,16 @@ def load_model(args, device):
         teach_answer_format(model, tok, args)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.model)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        try:  # no such folder or name, no network for a hub name, no weights, not a causal LM, no tokenizer
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"pamoe.py: error: --model {args.model}: cannot load it as a causal LM with its "
+                             f"tokenizer ({str(e).splitlines()[0]}); give a Hugging Face causal LM name (online, "
+                             f"or cached with HF_HUB_OFFLINE=1), a folder that holds one, or tiny") from e
+    need(tok.pad_token or tok.eos_token, f"--model {args.model}: its tokenizer has neither a pad nor an eos token; "
+         f"add one (tokenizer.add_special_tokens) and pass the saved folder as --model")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.truncation_side = "left"  # an over-long prompt loses its start, never the admissible actions and question
@@ -379,8 +386,7 @@ def attach_experts(model, args):
             if name in names and isinstance(child, nn.Linear):
                 wrapped.append(LoRAExperts(child, K, r, args.alpha, routing, args.routing == "token"))
                 setattr(parent, name, wrapped[-1].to(child.weight.device))
-    if not wrapped:
-        raise SystemExit(f"pamoe.py: error: no nn.Linear named {sorted(names)} in {args.model}; fix --targets")
+    need(wrapped, f"--targets {args.targets}: no nn.Linear of these names in {args.model}; name its linear layers")
     return routing, nn.ModuleList(wrapped)
 
 
@@ -794,6 +800,17 @@ def grad_norm(grads):
     return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
 
 
+class NonFiniteError(RuntimeError):
+    """A loss term, gradient norm or parameter became nan or inf: the run must stop before it trains on it."""
+
+
+def check_finite(named):
+    """Raise NonFiniteError naming the first of {name: tensor} that holds a nan or inf (one device sync)."""
+    finite = torch.stack([t.detach().isfinite().all() for t in named.values()]).tolist()
+    if not all(finite):
+        raise NonFiniteError(list(named)[finite.index(False)])
+
+
 def ppo_update(agent, opt, R, B, tau_state):
     """Several epochs of minibatch PPO over one rollout; experts, router and critic step together.
     Returns mean statistics, among them the norm of the router gradient that each term contributes."""
@@ -837,6 +854,7 @@ def ppo_update(agent, opt, R, B, tau_state):
             entropy = masked_mean(ent, mask)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = 0.5 * ((v - B["ret"][mb]) ** 2).mean()
+            check_finite({"pg_loss": pg_loss, "kl": kl, "entropy": entropy, "value_loss": v_loss, **aux_terms})
             loss = pg_loss + a.kl_coef * kl - a.ent_coef * entropy + a.vf_coef * v_loss + sum(aux_terms.values())
             # diagnosis: the router gradient of each auxiliary term alone; the task's is the rest of the total
             aux_grads = {name: torch.autograd.grad(term, router_params, retain_graph=True, allow_unused=True)
@@ -849,13 +867,14 @@ def ppo_update(agent, opt, R, B, tau_state):
                 stats["router_grad/task"].append(grad_norm(task))
                 for name in ("switch", "balance"):
                     stats[f"router_grad/{name}"].append(grad_norm(aux_grads.get(name, [])))
-            for g in opt.param_groups:
-                torch.nn.utils.clip_grad_norm_(g["params"], a.max_grad_norm)
+            check_finite({f"gradient norm of {g['name']}": nn.utils.clip_grad_norm_(g["params"], a.max_grad_norm)
+                          for g in opt.param_groups})  # before the step: a nan never trains on
             opt.step()
             tau_state["updates"] += 1
             for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
                              ("entropy", entropy), ("value_loss", v_loss)):
                 stats[key].append(float(val.detach()))
+    check_finite({f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad})
     if a.balance == "bias" and agent.router is not None:  # DeepSeek-V3: raise under-used experts, lower over-used
         share = torch.bincount(B["k"], minlength=len(agent.router_bias)).float() / len(B["k"])
         agent.router_bias += a.bias_rate * torch.sign(share.mean() - share)
@@ -946,12 +965,26 @@ def save_checkpoint(path, agent, opt, iteration, tau_state):
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
 
 
+# the flags that define what a checkpoint holds (`tiny` builds its frozen base from --env, --seed and the format steps)
+MODEL_FLAGS = ("model", "env", "seed", "tiny_format_steps", "routing", "num_experts", "rank", "dense_rank", "alpha",
+               "targets", "router_hidden", "router_layers")
+
+
 def load_checkpoint(path, agent, opt, tau_state):
-    state = torch.load(path, map_location=agent.device, weights_only=False)
-    missing = set(agent.trainable_state()) ^ set(state["trainable"])
-    if missing:
-        raise SystemExit(f"pamoe.py: error: {path} does not match this model/routing (differs in {sorted(missing)[:3]}"
-                         f"...); resume with the flags it was trained with: {state['args']}")
+    try:
+        state = torch.load(path, map_location=agent.device, weights_only=False)
+    except Exception as e:  # whatever these bytes are, they are no checkpoint
+        state = e
+    need(isinstance(state, dict) and {"trainable", "optimizer", "iteration", "args"} <= set(state),
+         f"--resume {path}: not a PA-MoE checkpoint; point it at the checkpoint.pt in a run's --out_dir")
+    a = dataclasses.asdict(agent.args)
+    differ = [f"--{k} {state['args'].get(k)} (this run: {a[k]})" for k in MODEL_FLAGS if state["args"].get(k) != a[k]]
+    need(not differ, f"--resume {path} was trained with {', '.join(differ)}; resume with the flags it was trained with")
+    shapes = {n: t.shape for n, t in agent.trainable_state().items()}
+    need(shapes == {n: t.shape for n, t in state["trainable"].items()}, f"--resume {path}: its tensors do not fit "
+         f"this model although the flags match (another version of pamoe.py?); start a new run")
+    need(state["iteration"] < agent.args.iterations, f"--resume {path} is at iteration {state['iteration']} already; "
+         f"raise --iterations (now {agent.args.iterations}) to continue")
     agent.load_state_dict(state["trainable"], strict=False)
     opt.load_state_dict(state["optimizer"])
     tau_state["updates"] = state["tau_updates"]
@@ -973,7 +1006,7 @@ def train(args):
     agent = Agent(args, device)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
     tau_state = {"updates": 0}
-    start = 0
+    start, saved = 0, args.resume  # saved: the last good checkpoint
     metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "checkpoint.pt")
     if args.resume:
         start = load_checkpoint(args.resume, agent, opt, tau_state)
@@ -1000,7 +1033,12 @@ def train(args):
             S = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
             t_roll = time.time() - t0
             eps = rollout_stats(S, args.num_envs)
-            stats = ppo_update(agent, opt, S, prepare_batch(agent, S), tau_state)
+            try:
+                stats = ppo_update(agent, opt, S, prepare_batch(agent, S), tau_state)
+            except NonFiniteError as e:  # nothing of this iteration is written: the last checkpoint stays good
+                fix = f"continue from the last good checkpoint with --resume {saved}" if saved else "rerun"
+                raise SystemExit(f"pamoe.py: error: iteration {it}: {e} is not finite; stopped before writing anything "
+                                 f"of it. Lower the learning rates (or --max_grad_norm) and {fix}") from e
             m = {"iteration": it, "success": np.mean([e["won"] for e in eps]),
                  "return": np.mean([e["return"] for e in eps]), "steps": np.mean([e["steps"] for e in eps]),
                  "switches": np.mean([e["switches"] for e in eps]), "invalid": np.mean(S["invalid"]),
@@ -1023,6 +1061,7 @@ def train(args):
                 f.write(json.dumps(m) + "\n")
             if it % args.ckpt_every == 0 or it == args.iterations:
                 save_checkpoint(ckpt_path, agent, opt, it, tau_state)
+                saved = ckpt_path
             bar.set_postfix(success=f"{m['success']:.2f}", ret=f"{m['return']:.1f}", kl=f"{m['kl']:.3f}",
                             switches=f"{m['switches']:.1f}")
             last = m

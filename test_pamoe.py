@@ -371,6 +371,95 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
            [{k: v for k, v in m.items() if k not in drop} for m in b]
 
 
+@pytest.mark.parametrize("case", ["hub name, offline", "empty folder", "not a causal LM", "no pad or eos token"])
+def test_a_model_that_cannot_load_stops_with_the_fix(tmp_path, monkeypatch, case):
+    import huggingface_hub.constants
+    from transformers import T5Config
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: fails at once
+    path = str(tmp_path / "model")
+    if case == "hub name, offline":
+        path = "someone/no-such-model"
+    elif case == "empty folder":
+        os.makedirs(path)
+    elif case == "not a causal LM":
+        T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=2, d_kv=4, vocab_size=10).save_pretrained(path)
+    else:
+        model, tok = pamoe.build_tiny(["go"], 0)
+        model.save_pretrained(path)
+        tok.pad_token = tok.eos_token = None
+        tok.save_pretrained(path)
+    with pytest.raises(SystemExit) as stop:
+        pamoe.main(SMALL + ["--model", path, "--out_dir", str(tmp_path / "run")])
+    assert isinstance(stop.value.code, str) and stop.value.code.startswith(f"pamoe.py: error: --model {path}: ")
+    assert "\n" not in stop.value.code and ("neither a pad nor an eos" in stop.value.code) == (case == "no pad or eos token")
+
+
+@pytest.mark.parametrize("case, words", [("garbage bytes", "not a PA-MoE checkpoint"),
+                                         ("another torch file", "not a PA-MoE checkpoint"),
+                                         ("other flags", "trained with --rank 8 \\(this run: 4\\)"),
+                                         ("other tensors", "tensors do not fit"),
+                                         ("already done", "at iteration 5 already; raise --iterations")])
+def test_a_checkpoint_that_does_not_fit_stops_with_the_fix(tmp_path, case, words):
+    ckpt = str(tmp_path / "checkpoint.pt")
+    agent = make_agent()
+    state = {"trainable": agent.trainable_state(), "optimizer": {}, "iteration": 5,
+             "args": dataclasses.asdict(agent.args)}
+    if case == "garbage bytes":
+        state = None
+        with open(ckpt, "wb") as f:
+            f.write(os.urandom(100))
+    elif case == "another torch file":
+        state = {"model": agent.trainable_state()}
+    elif case == "other flags":
+        state["args"]["rank"] = 8
+    elif case == "other tensors":
+        state["trainable"] = {}
+    if state is not None:
+        torch.save(state, ckpt)
+    with pytest.raises(SystemExit, match=f"pamoe.py: error: --resume {ckpt}.*{words}"):
+        pamoe.main(SMALL + ["--iterations", "3", "--out_dir", str(tmp_path / "run"), "--resume", ckpt])
+
+
+def test_a_nan_mid_run_stops_before_anything_is_written_and_resume_continues(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    ckpt, flags = os.path.join(out, "checkpoint.pt"), SMALL + ["--ckpt_every", "1", "--out_dir", out]
+    update, good = pamoe.ppo_update, []
+
+    def poisoned_update(*args):  # from the 3rd update on, the KL term is nan
+        if os.path.exists(ckpt) and torch.load(ckpt, weights_only=False)["iteration"] == 2:
+            good.append(open(ckpt, "rb").read())
+            monkeypatch.setattr(pamoe, "kl_k3", lambda *a: torch.tensor(float("nan")))
+        return update(*args)
+    monkeypatch.setattr(pamoe, "ppo_update", poisoned_update)
+    with pytest.raises(SystemExit, match=f"iteration 3: kl is not finite; stopped .* --resume {ckpt}"):
+        pamoe.main(flags + ["--iterations", "4"])
+    assert [m["iteration"] for m in read_metrics(out)] == [1, 2] and open(ckpt, "rb").read() == good[0]
+    monkeypatch.undo()
+    pamoe.main(flags + ["--iterations", "4", "--resume", ckpt])
+    assert [m["iteration"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    with pytest.raises(pamoe.NonFiniteError, match="b"):  # gradient norms and parameters are checked alike
+        pamoe.check_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")])})
+
+
+def test_a_run_killed_mid_iteration_resumes_without_duplicate_or_missing_iterations(tmp_path):
+    out = str(tmp_path / "run")
+    metrics, flags = os.path.join(out, "metrics.jsonl"), SMALL + ["--ckpt_every", "1", "--out_dir", out]
+    child = subprocess.Popen([sys.executable, "pamoe.py", *flags, "--iterations", "1000"],
+                             cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:  # killed as soon as iteration 2 is logged: while its checkpoint is written, or early in iteration 3
+        deadline = time.time() + 120
+        while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+            assert child.poll() is None and time.time() < deadline, "the run ended or stalled before iteration 2"
+            time.sleep(0.01)
+    finally:
+        child.kill()  # SIGKILL: no cleanup of any kind
+        child.wait(timeout=30)
+    logged = len(open(metrics).readlines())
+    pamoe.main(flags + ["--iterations", str(logged + 2), "--resume", os.path.join(out, "checkpoint.pt")])
+    assert [m["iteration"] for m in read_metrics(out)] == list(range(1, logged + 3))
+
+
 def test_end_to_end_training_improves_success(tmp_path):
     """The CPU demo's settings, shortened: the tiny model on the toy env must solve more tasks after 12 iterations
     than in its first ones (measured here: about 3% -> 20%; README has the full run)."""
