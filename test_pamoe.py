@@ -390,8 +390,9 @@ def test_a_model_that_cannot_load_stops_with_the_fix(tmp_path, monkeypatch, case
         tok.save_pretrained(path)
     with pytest.raises(SystemExit) as stop:
         pamoe.main(SMALL + ["--model", path, "--out_dir", str(tmp_path / "run")])
-    assert isinstance(stop.value.code, str) and stop.value.code.startswith(f"pamoe.py: error: --model {path}: ")
-    assert "\n" not in stop.value.code and ("neither a pad nor an eos" in stop.value.code) == (case == "no pad or eos token")
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith(f"pamoe.py: error: --model {path}: ") and "\n" not in message
+    assert ("neither a pad nor an eos" in message) == (case == "no pad or eos token")
 
 
 @pytest.mark.parametrize("case, words", [("garbage bytes", "not a PA-MoE checkpoint"),
@@ -565,7 +566,8 @@ def test_a_game_dying_mid_rollout_ends_its_episode_and_the_update_still_runs(min
 
 
 def test_alfworld_prompt_holds_task_history_and_actions_within_the_limit(mini):
-    agent = make_agent("--env", "alfworld", "--alfworld_data", mini, "--action_format", "tagged")
+    agent = make_agent("--env", "alfworld", "--alfworld_data", mini, "--action_format", "tagged",
+                       "--max_new_tokens", "16")
     batch = envs.make_env_batch("alfworld", 1, 50, "train", mini)
     try:
         (obs, info), = batch.reset([4])
