@@ -290,11 +290,14 @@ def teach_answer_format(model, tok, args, batch=32):
         enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
                   add_special_tokens=False)
         hidden = model.base_model(**enc).last_hidden_state  # (B, T, d)
-        last = hidden[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, d) after the prompt's last token
-        logits = model.get_output_embeddings()(last).float()  # (B, V)
-        logp = F.log_softmax(logits, -1)[:, label_ids]  # (B, n)
+        logits = model.get_output_embeddings()(hidden).float()  # (B, T, V)
+        last = logits[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, V) after the prompt's last token
+        logp = F.log_softmax(last, -1)[:, label_ids]  # (B, n)
         valid = torch.arange(len(label_ids))[None] < torch.tensor([n_labels[i] for i in idx])[:, None]
         loss = -(torch.where(valid, logp, 0).sum(1) / valid.sum(1)).mean()  # cross-entropy to uniform labels
+        # next-token prediction on the prompt text itself: what pretraining would have given the base
+        nxt = torch.where(enc.attention_mask[:, 1:].bool(), enc.input_ids[:, 1:], -100)
+        loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), nxt.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
