@@ -67,17 +67,19 @@ class ToyEnv:
         return obs, self._info()
 
     def admissible(self):
-        """Every `go to` first, in a fixed order, so that its label keeps its meaning; then what applies here.
+        """Every `go to` first, in a fixed order, so that its label keeps its meaning; then what applies here: take,
+        move, or at an appliance the transform.
         (ALFWorld's look / inventory / examine are left out: in this fully described room they only dilute
         exploration for a model that starts from random weights.)"""
         cmds = [f"go to {p}" for p in PLACES]
         if self.at is not None and self.holding is None:
             cmds += [f"take {o} from {self.at}" for o in self.contents[self.at]]
         if self.at is not None and self.holding is not None:
-            cmds.append(f"move {self.holding} to {self.at}")
-            for appliance, verb, _ in TRANSFORMS.values():
-                if self.at == appliance:
-                    cmds.append(f"{verb} {self.holding} with {appliance}")
+            appliance = {a: verb for a, verb, _ in TRANSFORMS.values()}
+            # at an appliance the held object can only be transformed (ALFWorld would also let it be put inside:
+            # a dead end that only slows exploration here)
+            cmds.append(f"{appliance[self.at]} {self.holding} with {self.at}" if self.at in appliance
+                        else f"move {self.holding} to {self.at}")
         return cmds
 
     def phase(self):
@@ -125,8 +127,8 @@ class ToyEnv:
 
     def solve(self):
         """Scripted solver: the next command of a shortest solution, read off the true state."""
-        if self.holding is not None and self.holding != self.obj:
-            return f"move {self.holding} to {self.at}"
+        if self.holding is not None and self.holding != self.obj:  # put it down where that is possible
+            return f"move {self.holding} to {self.at}" if self.at in STORAGE else f"go to {STORAGE[0]}"
         if self.holding is None:
             here = self.at is not None and self.obj in self.contents[self.at]
             where = next(p for p in PLACES if self.obj in self.contents[p])

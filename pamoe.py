@@ -124,7 +124,7 @@ class Args:
     switch_coef: float = arg(0.05, "lambda_s: temporal-consistency (soft switch) penalty")
     balance: str = arg("sq", "load balance: sq (paper) | switch (Switch Transformer) | bias (DeepSeek-V3, loss-free)")
     balance_coef: float = arg(0.001, "lambda_b: weight of the sq or switch balance loss")
-    bias_rate: float = arg(0.05, "--balance bias: u, the step by which each expert's choice bias moves per update")
+    bias_rate: float = arg(0.05, "--balance bias: u, the step by which each expert's choice bias moves per PPO step")
     router_init: str = arg("none", "phase routing: none | kmeans (fit the router to k-means clusters of frozen "
                                    "step features of the initial policy's episodes before training)")
     router_init_steps: int = arg(300, "--router_init kmeans: router fitting steps")
@@ -874,13 +874,15 @@ def ppo_update(agent, opt, R, B, tau_state):
                           for g in opt.param_groups})  # before the step: a nan never trains on
             opt.step()
             tau_state["updates"] += 1
+            if a.balance == "bias" and agent.router is not None:  # DeepSeek-V3: after each step, raise the bias
+                K = len(agent.router_bias)  # of experts the current router under-uses, lower it for over-used ones
+                chosen = (p.detach().log() + agent.router_bias / tau).argmax(-1)
+                share = torch.bincount(chosen, minlength=K).float() / len(chosen)
+                agent.router_bias += a.bias_rate * torch.sign(1 / K - share)
             for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
                              ("entropy", entropy), ("value_loss", v_loss)):
                 stats[key].append(float(val.detach()))
     check_finite({f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad})
-    if a.balance == "bias" and agent.router is not None:  # DeepSeek-V3: raise under-used experts, lower over-used
-        share = torch.bincount(B["k"], minlength=len(agent.router_bias)).float() / len(B["k"])
-        agent.router_bias += a.bias_rate * torch.sign(share.mean() - share)
     out = {key: float(np.mean(v)) for key, v in stats.items()}
     out["explained_variance"] = explained_variance(B["values"], B["ret"])
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
@@ -1037,7 +1039,9 @@ def train(args):
             t_roll = time.time() - t0
             eps = rollout_stats(S, args.num_envs)
             try:
-                stats = ppo_update(agent, opt, S, prepare_batch(agent, S), tau_state)
+                B = prepare_batch(agent, S)
+                t_prep = time.time() - t0 - t_roll
+                stats = ppo_update(agent, opt, S, B, tau_state)
             except NonFiniteError as e:  # nothing of this iteration is written: the last checkpoint stays good
                 fix = f"continue from the last good checkpoint with --resume {saved}" if saved else "rerun"
                 raise SystemExit(f"pamoe.py: error: iteration {it}: {e} is not finite; stopped before writing anything "
@@ -1048,11 +1052,13 @@ def train(args):
                  **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
                     for tt in sorted({e["task_type"] for e in eps})},
                  **{f"expert_share/{k}": np.mean(np.array(S["k"]) == k) for k in range(args.experts[0])},
-                 **stats, "env_steps": len(S["k"]), "rollout_s": t_roll, "iteration_s": time.time() - t0}
+                 **stats, "env_steps": len(S["k"]), "rollout_s": t_roll, "prepare_s": t_prep,
+                 "update_s": time.time() - t0 - t_roll - t_prep, "iteration_s": time.time() - t0}
             m["sps"] = m["env_steps"] / m["iteration_s"]
             if args.eval_every and (it % args.eval_every == 0 or it == args.iterations):
+                t_eval = time.time()
                 em, tables = evaluate(agent, stats["tau"])
-                m.update(em)
+                m.update(em, eval_s=time.time() - t_eval)
                 columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items()
                                    if k.startswith("eval/success/"))
                 report = f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"

@@ -366,7 +366,7 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     pamoe.main(SMALL + ["--iterations", "3", "--out_dir", part, "--resume", ckpt])
     a, b = read_metrics(full), read_metrics(part)
     assert [m["iteration"] for m in b] == [1, 2, 3]
-    drop = ("rollout_s", "iteration_s", "sps")
+    drop = ("rollout_s", "prepare_s", "update_s", "iteration_s", "sps", "eval_s")
     assert [{k: v for k, v in m.items() if k not in drop} for m in a] == \
            [{k: v for k, v in m.items() if k not in drop} for m in b]
 
