@@ -93,8 +93,7 @@ class Args:
     model: str = arg("tiny", "`tiny` (built from a config, no download) or a Hugging Face name / local path")
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("auto", "weights of the frozen base: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
-    preflight: bool = arg(False, "build the model, run one rollout step and one PPO micro-batch at the largest "
-                                 "configured sizes, print peak memory, time per token and an iteration's time, exit")
+    preflight: bool = arg(False, "run one rollout step and one PPO micro-batch at the largest sizes, print memory, exit")
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
     out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log and checkpoint.pt go")
     resume: str = arg("", "checkpoint to resume from (continues to --iterations)")
@@ -142,10 +141,8 @@ class Args:
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(2, "PPO epochs over each rollout")
     minibatch: int = arg(64, "environment steps per minibatch")
-    micro_batch: int = arg(0, "steps per forward/backward inside a minibatch (gradient accumulation: the same update "
-                              "in less memory); 0 = the whole minibatch")
-    grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: far less memory, one more "
-                                 "forward of the base per update")
+    micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
+    grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
     lr_router: float = arg(1e-4, "learning rate of the router (paper: 1e-4)")
