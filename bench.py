@@ -6,6 +6,8 @@ Run:
                                     # on the toy env with the tiny model -> runs/ablation/ablation.md
     bash run.sh bench | ablation    # the same, in the project's environment
     python bench.py ablation --num_envs 16   # flags bench.py does not know go to every pamoe.py run
+    python bench.py memory          # activation bytes per token of one PPO micro-batch on Qwen2.5-1.5B's shape
+                                    # (CPU, random bf16 weights), with and without --grad_ckpt; the GPU table
 
 Timing rows (medians over --repeats after --warmup, all measured in the same run):
 - fwd+bwd of a fixed batch (next-token loss on random token ids) through: the frozen base (its backward reaches the
@@ -258,6 +260,148 @@ def bench(opts):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The memory model: what one PPO micro-batch keeps for backward, measured on CPU; the GPU table derived from it
+# ---------------------------------------------------------------------------------------------------------
+GIB = 2 ** 30
+
+
+def saved_bytes(model, fn):
+    """Bytes autograd keeps for backward while fn() runs, which is what a GPU holds between a micro-batch's forward
+    and its backward: every saved tensor's storage once, the model's own parameters and buffers not counted (frozen
+    weights are kept to compute input gradients, but they are there anyway). Returns (bytes, fn())."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(kept.values()), out
+
+
+def qwen_1p5b(layers):
+    """Qwen2.5-1.5B-Instruct's config written out (no download), with `layers` decoder layers, random bf16 weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # initialised in bf16: 3 GB at 28 layers, not 6
+    try:
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
+            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=151643)).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def micro_batch_bytes(model, routing, K, T, R):
+    """One sequence of T tokens whose last R are the response, through pamoe's PPO forward (the experts' LoRA path,
+    the chunked log-probs and entropies): (bytes kept by the decoder, bytes kept by the log-prob head, seconds of
+    forward + backward)."""
+    ids = torch.randint(3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+    gates = F.one_hot(torch.tensor([1]), K).float()[:, None]
+    t = time.perf_counter()
+    with routing(gates):  # backward inside the routing, as ppo_update does (--grad_ckpt replays layers there)
+        body, hidden = saved_bytes(model, lambda: model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+        pos = torch.arange(T - R - 1, T - 1)  # the positions that predict the response, gathered as pamoe does
+        head, out = saved_bytes(model, lambda: pamoe.token_logp_entropy(
+            hidden[0, pos], model.get_output_embeddings(), ids[0, pos + 1], 1.0))
+        out.sum().backward()
+    return body, head, time.perf_counter() - t
+
+
+def memory(opts):
+    """Measure the bytes per token a micro-batch keeps for backward at two layer counts and two lengths, with and
+    without --grad_ckpt; extrapolate per layer to 28 layers; derive the largest --micro_batch per GPU size."""
+    layer_counts, lengths = sorted(int(x) for x in opts.layers.split(",")), [int(x) for x in opts.lengths.split(",")]
+    rows, sizes, t0 = [], {}, time.time()
+    for layers in layer_counts:
+        model = qwen_1p5b(layers)
+        routing = attach(model, "phase", opts.experts, opts.rank)
+        if not sizes:  # parameter counts, from the model itself
+            layer0 = list(model.model.layers[0].parameters())
+            sizes = {"layer": sum(p.numel() for p in layer0 if not p.requires_grad),
+                     "experts_per_layer": sum(p.numel() for p in layer0 if p.requires_grad),
+                     "embedding": sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n),
+                     "router_and_critic": sum(p.numel() for out in (opts.experts, 1) for p in pamoe.StepHead(
+                         model.config.hidden_size, out, 256, 3).parameters())}
+            h = torch.randn(pamoe.LOGIT_CHUNK, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+            y = torch.randint(model.config.vocab_size, (pamoe.LOGIT_CHUNK,))
+            real, pamoe.checkpoint = pamoe.checkpoint, lambda fn, *args, **kwargs: fn(*args)  # one chunk, unchecked
+            try:
+                sizes["logits_chunk_saved"] = saved_bytes(model, lambda: pamoe.token_logp_entropy(
+                    h, model.get_output_embeddings(), y, 1.0))[0]
+            finally:
+                pamoe.checkpoint = real
+        for ckpt in (False, True):
+            if ckpt:
+                pamoe.checkpoint_layers(model)
+            for T in lengths:
+                body, head, sec = micro_batch_bytes(model, routing, opts.experts, T, opts.response)
+                rows.append(dict(layers=layers, T=T, R=opts.response, grad_ckpt=ckpt, body_per_token=body / T,
+                                 head_per_response_token=head / opts.response, seconds=sec))
+                print(f"{layers:>3} layers, {T:>5} tokens ({opts.response} response), --grad_ckpt {str(ckpt):<5}: "
+                      f"decoder keeps {body / T / 1024:7.1f} KiB/token, log-prob head "
+                      f"{head / opts.response / 1024:5.1f} KiB/response token; fwd+bwd {sec:5.1f} s", flush=True)
+        del model, routing
+    derived = derive(rows, sizes, opts)
+    with open(opts.out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "K": opts.experts, "rank": opts.rank,
+                   "seconds_total": time.time() - t0, "rows": rows, "sizes": sizes, **derived}, f, indent=1)
+    print(f"({time.time() - t0:.0f} s; rows and table in {opts.out})")
+    return derived
+
+
+def derive(rows, sizes, opts):
+    """Per-layer fit of the measured bytes, extrapolated to Qwen2.5-1.5B's 28 layers, and the largest --micro_batch
+    whose PPO step fits each GPU size at the given lengths. Every GPU figure here is derived, not measured on a GPU."""
+    L, V, kv_width, inter = 28, 151936, 2 * 128, 8960  # layers, vocabulary, K/V width (2 heads x 128), MLP width
+    lo, hi, T = min(r["layers"] for r in rows), max(r["layers"] for r in rows), max(r["T"] for r in rows)
+    per = {}
+    for ckpt in (False, True):
+        at = {r["layers"]: r for r in rows if r["grad_ckpt"] == ckpt and r["T"] == T}
+        layer = (at[hi]["body_per_token"] - at[lo]["body_per_token"]) / (hi - lo)  # bytes/token of one more layer
+        per[ckpt] = dict(layer=layer, body=at[lo]["body_per_token"] + (L - lo) * layer,
+                         head=at[hi]["head_per_response_token"])
+    replay = per[False]["layer"]  # --grad_ckpt: one layer's activations exist again while it is replayed in backward
+    S = opts.prompt + opts.new  # tokens per sequence; opts.new of them are response tokens
+    weights = (sizes["embedding"] + L * sizes["layer"]) * 2  # bf16, tied embeddings
+    trained = (L * sizes["experts_per_layer"] + sizes["router_and_critic"]) * 16  # fp32 value, gradient, 2 AdamW
+    chunk = sizes["logits_chunk_saved"] + 2 * pamoe.LOGIT_CHUNK * V * 4  # one chunk's backward: saved + gradients
+    kv = opts.num_envs * S * L * 2 * kv_width * 2  # the rollout's KV cache, bf16
+    prefill = opts.num_envs * opts.prompt * 3 * inter * 2  # the widest no-grad intermediates (MLP) of the prefill
+    fixed = weights + trained
+    out = {"per_token": {f"grad_ckpt={k}": v for k, v in per.items()}, "fixed_bytes": fixed,
+           "rollout_bytes": fixed + kv + prefill, "table": []}
+    for gb in (24, 40, 80):
+        usable = gb * 1e9 * 0.9 - GIB  # 10% for allocator fragmentation, 1 GiB for the CUDA context
+        row = {"gpu_gb": gb, "rollout_fits": fixed + kv + prefill <= usable}
+        for ckpt in (False, True):
+            per_seq = S * per[ckpt]["body"] + opts.new * per[ckpt]["head"] + (S * replay if ckpt else 0)
+            row[f"micro_batch grad_ckpt={ckpt}"] = max(0, int((usable - fixed - chunk) // per_seq))
+            row[f"GiB per sequence grad_ckpt={ckpt}"] = per_seq / GIB
+        out["table"].append(row)
+    print(f"\nDerived for Qwen2.5-1.5B (28 layers), sequences of {opts.prompt} + {opts.new} tokens, --num_envs "
+          f"{opts.num_envs}; NOT measured on a GPU:")
+    for ckpt in (False, True):
+        print(f"  --grad_ckpt {str(ckpt).lower():<5}: {per[ckpt]['body'] / 1024:.1f} KiB per token kept for backward "
+              f"({per[ckpt]['layer'] / 1024:.1f} KiB per layer) + {per[ckpt]['head'] / 1024:.2f} KiB per response token"
+              + (f" + one layer replayed in backward, {replay / 1024:.1f} KiB per token" if ckpt else ""))
+    print(f"  (the log-prob head unchunked and not checkpointed would keep "
+          f"{sizes['logits_chunk_saved'] / pamoe.LOGIT_CHUNK / 2 ** 20:.2f} MiB per response token)")
+    print(f"  fixed: weights {weights / GIB:.2f} GiB, trained parameters with gradients and AdamW {trained / GIB:.2f} "
+          f"GiB; a logits chunk's backward {chunk / GIB:.2f} GiB; rollout: KV cache {kv / GIB:.2f} GiB + prefill "
+          f"{prefill / GIB:.2f} GiB")
+    print("| GPU | largest --micro_batch, --grad_ckpt false | largest --micro_batch, --grad_ckpt true | rollout fits |")
+    print("|---|---|---|---|")
+    for r in out["table"]:
+        print(f"| {r['gpu_gb']} GB | {r['micro_batch grad_ckpt=False']} | {r['micro_batch grad_ckpt=True']} | "
+              f"{'yes' if r['rollout_fits'] else 'no'} |")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The routing ablation: pamoe.py runs in subprocesses, then one markdown table
 # ---------------------------------------------------------------------------------------------------------
 ABLATION = {"dense": ["--routing", "dense"], "token": ["--routing", "token"], "trajectory": ["--routing", "trajectory"],
@@ -392,11 +536,22 @@ def ablation_table(results, names, seeds):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    what = argv[0] if argv[:1] in (["bench"], ["ablation"]) else "bench"
+    what = argv[0] if argv[:1] in (["bench"], ["ablation"], ["memory"]) else "bench"
     rest = argv[1:] if argv[:1] == [what] else argv
-    parser = argparse.ArgumentParser(prog=f"bench.py {what}", allow_abbrev=False,
-                                     description="PA-MoE cost benchmark" if what == "bench" else
-                                     "PA-MoE routing ablation; flags not listed here go to every pamoe.py run")
+    parser = argparse.ArgumentParser(prog=f"bench.py {what}", allow_abbrev=False, description={
+        "bench": "PA-MoE cost benchmark", "memory": "PA-MoE's memory model on Qwen2.5-1.5B's shape (CPU) -> GPU table",
+        "ablation": "PA-MoE routing ablation; flags not listed here go to every pamoe.py run"}[what])
+    if what == "memory":
+        parser.add_argument("--layers", default="2,4", help="decoder layer counts measured (the fit is per layer)")
+        parser.add_argument("--lengths", default="512,1024", help="sequence lengths measured (linearity check)")
+        parser.add_argument("--response", type=int, default=256, help="response tokens of each measured sequence")
+        parser.add_argument("--prompt", type=int, default=2048, help="derived table: --max_prompt_tokens")
+        parser.add_argument("--new", type=int, default=512, help="derived table: response tokens (--max_new_tokens)")
+        parser.add_argument("--num_envs", type=int, default=32, help="derived table: sequences generated at once")
+        parser.add_argument("--experts", type=int, default=4, help="K")
+        parser.add_argument("--rank", type=int, default=32, help="r")
+        parser.add_argument("--out", default="memory.json", help="where the measurements and the table go")
+        return memory(parser.parse_args(rest))
     if what == "bench":
         parser.add_argument("--sizes", default="", help="comma list of tiny, mid, qwen2.5-1.5b (default: all; "
                             "qwen2.5-1.5b needs CUDA)")

@@ -56,6 +56,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import time
 from collections import Counter, defaultdict
@@ -65,6 +66,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import envs
@@ -90,6 +92,8 @@ class Args:
                                                   "eval_out_of_distribution (unseen)")
     model: str = arg("tiny", "`tiny` (built from a config, no download) or a Hugging Face name / local path")
     device: str = arg("auto", "auto | cpu | cuda")
+    dtype: str = arg("auto", "weights of the frozen base: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+    preflight: bool = arg(False, "run one rollout step and one PPO micro-batch at the largest sizes, print memory, exit")
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
     out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log and checkpoint.pt go")
     resume: str = arg("", "checkpoint to resume from (continues to --iterations)")
@@ -137,6 +141,8 @@ class Args:
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(2, "PPO epochs over each rollout")
     minibatch: int = arg(64, "environment steps per minibatch")
+    micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
+    grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
     lr_router: float = arg(1e-4, "learning rate of the router (paper: 1e-4)")
@@ -155,7 +161,8 @@ class Args:
                  "--env alfworld needs the alfworld package: pip install alfworld==0.4.2 (bash run.sh installs it)")
             self.alfworld_data = self.alfworld_data or os.environ.get("ALFWORLD_DATA", "")
             error = envs.alfworld_data_error(self.alfworld_data, ("train", self.eval_split))
-            need(error is None, f"--alfworld_data {self.alfworld_data!r}: {error}")
+            need(error is None or (self.preflight and self.model != "tiny"),  # a preflight plays no game
+                 f"--alfworld_data {self.alfworld_data!r}: {error}")
         # combinations that cannot work, sizes that exhaust memory, paths that cannot be read or written
         n = max(self.num_envs, self.eval_episodes)  # episodes of one rollout: all their steps stay in memory
         need(n * self.max_steps <= 100_000, f"--num_envs/--eval_episodes {n} x --max_steps {self.max_steps} steps per "
@@ -200,11 +207,12 @@ RANGES = {
     "router_init_steps": "[0, 100000]", "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "clip": "(0, 1)",
     "kl_coef": "[0, inf)", "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "epochs": "[1, 100]",
     "minibatch": "[1, 4096]", "max_grad_norm": "(0, inf)", "lr_experts": "[0, 1]", "lr_router": "[0, 1]",
-    "lr_critic": "[0, 1]", "weight_decay": "[0, 1]"}
+    "lr_critic": "[0, 1]", "weight_decay": "[0, 1]", "micro_batch": "[0, 4096]"}
 CHOICES = {"env": envs.ENVS, "eval_split": ("eval_in_distribution", "eval_out_of_distribution"),
            "device": ("auto", "cpu", "cuda"), "action_format": tuple(envs.ANSWER),
            "routing": ("phase", "token", "trajectory", "dense"), "router_grad": ("st", "pg"),
-           "balance": ("sq", "switch", "bias"), "router_init": ("none", "kmeans")}
+           "balance": ("sq", "switch", "bias"), "router_init": ("none", "kmeans"),
+           "dtype": ("auto", "float32", "bfloat16")}
 
 
 def within(x, interval):
@@ -222,7 +230,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
         kind = boolean if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
+                            **({"nargs": "?", "const": True} if kind is boolean else {}))  # --flag alone: true
     return Args(**vars(parser.parse_args(argv))).validate()
 
 
@@ -304,13 +313,14 @@ def teach_answer_format(model, tok, args, batch=32):
 
 
 def load_model(args, device):
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (  # of the frozen base; trained parts: float32
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.model == "tiny":
         model, tok = build_tiny(envs.vocabulary(args.env), args.seed)
         teach_answer_format(model, tok, args)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:  # no such folder or name, no network for a hub name, no weights, not a causal LM, no tokenizer
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(args.model)
         except (OSError, ValueError) as e:
@@ -324,7 +334,7 @@ def load_model(args, device):
     tok.truncation_side = "left"  # an over-long prompt loses its start, never the admissible actions and question
     model.requires_grad_(False)  # base weights frozen
     model.eval()  # dropout off, for rollouts and PPO alike
-    return model.to(device), tok
+    return model.to(device=device, dtype=dtype), tok
 
 
 class Routing:
@@ -338,12 +348,13 @@ class Routing:
 
     @contextlib.contextmanager
     def __call__(self, gates=None):
-        """`with routing(gates):` runs the experts with step gates (or token routers when gates is None)."""
+        """`with routing(gates):` runs the experts with step gates (or token routers when gates is None); it nests."""
+        outer = self.on, self.gates
         self.on, self.gates, self.token_probs, self.token_choices = True, gates, [], []
         try:
             yield self
         finally:
-            self.on, self.gates = False, None
+            self.on, self.gates = outer
 
 
 class LoRAExperts(nn.Module):
@@ -391,6 +402,20 @@ def attach_experts(model, args):
                 setattr(parent, name, wrapped[-1].to(child.weight.device))
     need(wrapped, f"--targets {args.targets}: no nn.Linear of these names in {args.model}; name its linear layers")
     return routing, nn.ModuleList(wrapped)
+
+
+def checkpoint_layers(model):
+    """--grad_ckpt: each decoder layer keeps only its input for backward and runs again there (non-reentrant torch
+    checkpointing: gradients reach the experts in the frozen layers, in eval mode too). The replay reads the routing
+    of its moment, so backward must run inside the `with routing(gates)` of its forward pass (ppo_update's does)."""
+    need(isinstance(getattr(model.base_model, "layers", None), nn.ModuleList),
+         f"--grad_ckpt: {type(model).__name__} has no decoder layers at base_model.layers; drop --grad_ckpt")
+
+    def wrap(forward):  # checkpointed where autograd records; plain in no-grad passes such as generation
+        return lambda *args, **kwargs: checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
+                                                  **kwargs) if torch.is_grad_enabled() else forward(*args, **kwargs)
+    for layer in model.base_model.layers:
+        layer.forward = wrap(layer.forward)
 
 
 @torch.no_grad()
@@ -518,6 +543,15 @@ def balance_loss(p, k, mode):
     return p.sum() * 0
 
 
+def balance_share(p, P, k, mode, n):
+    """One part's share of balance_loss over a batch of n decisions cut into parts (gradient accumulation): p (n_i, K)
+    the part's probabilities; P (K,) and k (n,) the whole batch's mean probabilities and choices. balance_loss sees
+    the probabilities only through P = mean p, so the parts' gradients sum to the batch loss's gradient exactly."""
+    P = P.detach().requires_grad_()
+    dP, = torch.autograd.grad(balance_loss(P[None], k, mode), P)  # (K,) at the whole batch's P
+    return (dP * p.sum(0)).sum() / n
+
+
 def nmi(a, b):
     """Normalised mutual information I(a; b) / mean(H(a), H(b)) of two labelings of the same items (lists of
     hashables): 1 for a one-to-one map, 0 for independent labelings or when either is constant."""
@@ -550,6 +584,20 @@ def explained_variance(pred, target):
     return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
 
 
+LOGIT_CHUNK = 256  # response tokens whose float32 (chunk, V) logits exist at once: 0.16 GB per copy at V = 152k
+
+
+def token_logp_entropy(hidden, head, targets, temperature):
+    """log pi(y) and the entropy of pi = softmax(head(h) / temperature) (2, N), for rows h of hidden (N, d) and targets
+    y (N,). In chunks of LOGIT_CHUNK rows, each checkpointed: its float32 (chunk, V) logits exist while it is computed
+    and again in its backward, never for all N rows; nothing of size V is kept in between."""
+    def chunk(h, y):
+        logp_all = F.log_softmax(head(h).float() / temperature, dim=-1)  # (chunk, V)
+        return torch.stack([logp_all.gather(-1, y[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)])
+    return torch.cat([checkpoint(chunk, h, y, use_reentrant=False)
+                      for h, y in zip(hidden.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK))], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The agent: frozen LM + experts + router + critic
 # ---------------------------------------------------------------------------------------------------------
@@ -559,6 +607,8 @@ class Agent(nn.Module):
         self.args, self.device = args, device
         self.lm, self.tok = load_model(args, device)
         self.routing, self.experts = attach_experts(self.lm, args)
+        if args.grad_ckpt:
+            checkpoint_layers(self.lm)
         d, K = self.lm.config.hidden_size, args.experts[0]
         step_routed = args.routing in ("phase", "trajectory")
         self.router = StepHead(d, K, args.router_hidden, args.router_layers).to(device) if step_routed else None
@@ -602,21 +652,36 @@ class Agent(nn.Module):
         pl = torch.tensor(prompt_lens, device=self.device)
         j = torch.arange(R, device=self.device)
         mask = j[None] < torch.tensor(resp_lens, device=self.device)[:, None]  # (B, R)
-        pos = (pl[:, None] + j[None] - 1).clamp(max=ids.shape[1] - 1)  # position predicting response token j
         with self.routing(gates) if experts_on else contextlib.nullcontext():
-            hidden = self.lm.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-        hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
-        logits = self.lm.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
-        logp_all = F.log_softmax(logits, dim=-1)
-        targets = ids.gather(1, (pos + 1).clamp(max=ids.shape[1] - 1))
-        logp = logp_all.gather(-1, targets[..., None])[..., 0]
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return torch.where(mask, logp, 0), torch.where(mask, entropy, 0), mask
+            hidden = self.lm.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        # the n real response tokens: the sequence b of each and the position pos that predicts it, (n,) each
+        b, pos = mask.nonzero(as_tuple=True)[0], (pl[:, None] + j[None] - 1)[mask]
+        logp_entropy = token_logp_entropy(hidden[b, pos], self.lm.get_output_embeddings(), ids[b, pos + 1], temperature)
+        return (*(torch.zeros(mask.shape, device=self.device).masked_scatter(mask, x) for x in logp_entropy), mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Rollout: N envs in lockstep, one routing decision and one generated response per env step
 # ---------------------------------------------------------------------------------------------------------
+def stop_at(tok, stop, start):
+    """generate's stopping criterion for tagged answers: per sequence, whether the text generated after position
+    `start` holds `stop` (in its last len(stop) tokens: a token is at least one character)."""
+    def done(input_ids, scores, **kwargs):
+        tails = input_ids[:, max(start, input_ids.shape[1] - len(stop)):]
+        return torch.tensor([stop in "".join(tok.batch_decode(t[:, None].tolist())) for t in tails],
+                            device=input_ids.device)
+    return done
+
+
+def response_length(ids, tok, stop):
+    """How many of a sequence's generated token ids (a list) were sampled: up to and including the first EOS, or the
+    token that completes the text `stop` if that comes first (generate stops the sequence there; padding follows)."""
+    n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+    pieces = tok.batch_decode([[i] for i in ids[:n]]) if stop else []  # the text of each token
+    at = "".join(pieces).find(stop) if stop else -1
+    return n if at < 0 else int(np.searchsorted(np.cumsum([len(p) for p in pieces]), at + len(stop))) + 1
+
+
 @torch.no_grad()
 def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
     """Play one episode per lane. Returns a dict: per-step samples as lists (ordered by step, then lane), the
@@ -632,6 +697,7 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
     episode_k = torch.zeros(N, dtype=torch.long, device=dev)
     episode_logp = torch.zeros(N, device=dev)
     R = defaultdict(list)
+    stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with its action
     gen_cfg = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=a.max_new_tokens,
                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
@@ -666,15 +732,15 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
                   return_tensors="pt", add_special_tokens=False).to(dev)
         gates = None if a.routing == "token" else F.one_hot(k, K).float()[:, None]  # (A, 1, K)
         with agent.routing(gates):
-            out = agent.lm.generate(**enc, **gen_cfg)
+            out = agent.lm.generate(**enc, **gen_cfg, stopping_criteria=[stop_at(tok, stop, enc.input_ids.shape[1])]
+                                    if stop else None)
         if a.routing == "token":  # the step's expert, for analysis only: most chosen over layers and tokens
             votes = torch.cat([F.one_hot(c, K).reshape(len(lanes), -1, K) for c in agent.routing.token_choices], 1)
             k = votes.sum(1).argmax(-1)
         actions, invalid = [None] * N, {}
         for i, n in enumerate(lanes):
             resp = out[i, enc.input_ids.shape[1]:].cpu()
-            eos = (resp == tok.eos_token_id).nonzero()
-            resp = resp[: int(eos[0]) + 1] if len(eos) else resp  # keep the sampled EOS, drop the padding
+            resp = resp[:response_length(resp.tolist(), tok, stop)]  # keep the sampled EOS or stop, drop the padding
             text = tok.decode(resp, skip_special_tokens=True)
             cmd, valid = envs.parse_action(text, infos[n]["admissible"])
             actions[n], invalid[n] = (cmd if valid else text), not valid
@@ -757,6 +823,12 @@ def step_gates_for(agent, idx, k):
     return None if agent.args.routing == "token" else F.one_hot(k[idx], agent.args.experts[0]).float()[:, None]
 
 
+def real_tokens(token_probs, seqs):
+    """Token routing: each layer's router probabilities (n, K) at the n real tokens of the last pass over seqs."""
+    real = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs], batch_first=True)
+    return [pr[real.to(pr.device)] for pr in token_probs]
+
+
 @torch.no_grad()
 def prepare_batch(agent, R):
     """Values, GAE advantages (whitened over the batch) and returns; old and reference log-probs per sample."""
@@ -790,7 +862,7 @@ def prepare_batch(agent, R):
     B["router_windows"] = windows[first] if a.routing == "trajectory" else windows
     B["old_logp"], B["ref_logp"] = [None] * len(R["seq"]), [None] * len(R["seq"])
     by_length = torch.tensor([len(s) for s in R["seq"]]).argsort()  # similar lengths together: less padding
-    for mb in by_length.split(a.minibatch):
+    for mb in by_length.split(a.micro_batch or a.minibatch):  # memory within that of a PPO micro-batch
         seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
         old = agent.response_logprobs(seqs, pl, rl, a.temperature, step_gates_for(agent, mb.to(dev), B["k"]))[0]
         ref = agent.response_logprobs(seqs, pl, rl, a.temperature, None, experts_on=False)[0]
@@ -841,29 +913,51 @@ def ppo_update(agent, opt, R, B, tau_state):
                 aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance_loss(p, k, a.balance)}
                 stats["switch_penalty"].append(float(sw.detach()))
                 stats["router_entropy"].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean().detach()))
-            logp, ent, mask = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)
-            if a.routing == "token":  # balance of every layer's token router over the real tokens
-                real = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs],
-                                                 batch_first=True).to(dev)
-                aux_terms = {"balance": a.balance_coef * torch.stack(
-                    [balance_loss(pr[real], pr[real].argmax(-1), a.balance) for pr in agent.routing.token_probs]).mean()}
-            old = nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb], batch_first=True)  # (B, R)
-            ref = nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb], batch_first=True)
-            adv = B["adv"][mb][:, None].expand_as(logp)  # the step's advantage on every one of its tokens
-            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp + router_logratio[:, None], old, adv, mask, a.clip)
-            ratio = torch.where(mask, logp + router_logratio[:, None] - old, 0).exp().detach()
-            stats["ratio_var"].append(float(masked_mean((ratio - masked_mean(ratio, mask)) ** 2, mask)))
-            kl = kl_k3(logp, ref, mask)
-            entropy = masked_mean(ent, mask)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = 0.5 * ((v - B["ret"][mb]) ** 2).mean()
-            check_finite({"pg_loss": pg_loss, "kl": kl, "entropy": entropy, "value_loss": v_loss, **aux_terms})
-            loss = pg_loss + a.kl_coef * kl - a.ent_coef * entropy + a.vf_coef * v_loss + sum(aux_terms.values())
+            # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's token means
+            # weighted by its share of the minibatch's response tokens. The router's gates and log-ratios enter them
+            # as leaves cut from the router's graph; their summed gradients go through the router once, at the end.
+            cut = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (gates, router_logratio)]
+            parts, token_stats, mean = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None, defaultdict(float)
+            if a.routing == "token" and len(parts) > 1:  # token routers' balance: over all the minibatch's tokens
+                with torch.no_grad():
+                    agent.response_logprobs(seqs, pl, rl, a.temperature, None)
+                token_stats = [(p_.mean(0), p_.argmax(-1)) for p_ in real_tokens(agent.routing.token_probs, seqs)]
+            opt.zero_grad(set_to_none=True)
+            for part in parts:
+                seqs_, pl_, rl_ = ([x[i] for i in part] for x in (seqs, pl, rl))
+                gates_ = None if cut[0] is None else cut[0][part]
+                logp, ent, mask = agent.response_logprobs(seqs_, pl_, rl_, a.temperature, gates_)
+                token_terms = {}
+                if a.routing == "token":  # every layer's balance of its token router: this micro-batch's share
+                    probs = real_tokens(agent.routing.token_probs, seqs_)  # per layer (n, K)
+                    stat = token_stats or [(p_.detach().mean(0), p_.argmax(-1)) for p_ in probs]
+                    token_terms = {"balance": a.balance_coef * torch.stack([balance_share(
+                        p_, P, c, a.balance, sum(map(len, seqs))) for p_, (P, c) in zip(probs, stat)]).mean()}
+                old = nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb[part]], batch_first=True)  # (b, R)
+                ref = nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb[part]], batch_first=True)
+                adv = B["adv"][mb[part]][:, None].expand_as(logp)  # the step's advantage on every one of its tokens
+                logp_k = logp + cut[1][part][:, None]  # --router_grad pg: log p_t(k_t) joins every token's ratio
+                pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp_k, old, adv, mask, a.clip)
+                ratio = torch.where(mask, logp_k - old, 0).exp().detach()
+                kl = kl_k3(logp, ref, mask)
+                entropy = masked_mean(ent, mask)
+                check_finite({"pg_loss": pg_loss, "kl": kl, "entropy": entropy, **token_terms})
+                share = sum(rl_) / sum(rl)
+                with agent.routing(gates_):  # --grad_ckpt replays the layers in backward: route them as before
+                    (share * (pg_loss + a.kl_coef * kl - a.ent_coef * entropy) + sum(token_terms.values())).backward()
+                for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
+                                 ("entropy", entropy), ("ratio", masked_mean(ratio, mask)),
+                                 ("ratio_sq", masked_mean(ratio ** 2, mask))):
+                    mean[key] += share * float(val.detach())
+            check_finite({"value_loss": v_loss, **aux_terms})
             # diagnosis: the router gradient of each auxiliary term alone; the task's is the rest of the total
             aux_grads = {name: torch.autograd.grad(term, router_params, retain_graph=True, allow_unused=True)
                          for name, term in aux_terms.items() if router_params and term.requires_grad}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            outs = [(a.vf_coef * v_loss + sum(aux_terms.values()), None)]  # critic and router terms, and the
+            outs += [(x, c.grad) for x, c in zip((gates, router_logratio), cut) if c is not None and c.grad is not None]
+            torch.autograd.backward(*zip(*outs))  # micro-batches' gradients of the gates and log-ratios
             if router_params:
                 task = [p_.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
                         for i, p_ in enumerate(router_params) if p_.grad is not None]
@@ -877,11 +971,11 @@ def ppo_update(agent, opt, R, B, tau_state):
             if a.balance == "bias" and agent.router is not None:  # DeepSeek-V3: after each step, raise the bias
                 K = len(agent.router_bias)  # of experts the current router under-uses, lower it for over-used ones
                 chosen = (p.detach().log() + agent.router_bias / tau).argmax(-1)
-                share = torch.bincount(chosen, minlength=K).float() / len(chosen)
-                agent.router_bias += a.bias_rate * torch.sign(1 / K - share)
-            for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
-                             ("entropy", entropy), ("value_loss", v_loss)):
-                stats[key].append(float(val.detach()))
+                load = torch.bincount(chosen, minlength=K).float() / len(chosen)
+                agent.router_bias += a.bias_rate * torch.sign(1 / K - load)
+            mean.update(ratio_var=mean.pop("ratio_sq") - mean.pop("ratio") ** 2, value_loss=float(v_loss.detach()))
+            for key, val in mean.items():
+                stats[key].append(val)
     check_finite({f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad})
     out = {key: float(np.mean(v)) for key, v in stats.items()}
     out["explained_variance"] = explained_variance(B["values"], B["ret"])
@@ -997,6 +1091,51 @@ def load_checkpoint(path, agent, opt, tau_state):
     return state["iteration"]
 
 
+def preflight(agent, opt):
+    """--preflight: one rollout step and one PPO micro-batch at the largest sizes the flags allow (prompts of
+    --max_prompt_tokens random tokens, --max_new_tokens new ones); prints peak memory (CUDA: allocated tensors; CPU:
+    the process's peak resident set), time per token and the time one iteration takes at most. Trains nothing."""
+    a, dev, cuda = agent.args, agent.device, agent.device.type == "cuda"
+    P, M, N, n = a.max_prompt_tokens, a.max_new_tokens, a.num_envs, a.micro_batch or a.minibatch
+    ids = torch.randint(agent.lm.config.vocab_size, (max(N, n), P + M), generator=torch.Generator().manual_seed(0))
+    ids, k = ids.to(dev), torch.arange(max(N, n), device=dev) % a.experts[0]  # the experts in turn
+
+    def generate():
+        with torch.no_grad(), agent.routing(step_gates_for(agent, slice(N), k)):
+            agent.lm.generate(ids[:N, :P], attention_mask=torch.ones_like(ids[:N, :P]), do_sample=True, top_k=0,
+                              max_new_tokens=M, min_new_tokens=M, pad_token_id=agent.tok.pad_token_id)
+
+    def ppo_micro_batch():
+        with agent.routing(step_gates_for(agent, slice(n), k)) as routing:  # backward inside: --grad_ckpt replays
+            logp, ent, mask = agent.response_logprobs(list(ids[:n]), [P] * n, [M] * n, a.temperature, routing.gates)
+            (-(logp + ent).sum() / mask.sum()).backward()
+        opt.step()  # allocates AdamW's state
+    cost = []  # (seconds, peak GiB) of each
+    for fn in (generate, ppo_micro_batch):
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        t = time.time()
+        try:
+            fn()
+        except torch.cuda.OutOfMemoryError as e:
+            raise SystemExit(f"pamoe.py: error: --preflight: out of memory in {fn.__name__}; lower --micro_batch or "
+                             f"--num_envs, add --grad_ckpt true, or lower --max_prompt_tokens") from e
+        torch.cuda.synchronize() if cuda else None
+        cost.append((time.time() - t, (torch.cuda.max_memory_allocated() if cuda else
+                                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30))
+    (t_gen, m_gen), (t_ppo, m_ppo) = cost
+    rollout_s = a.max_steps * t_gen  # every episode to --max_steps; PPO: the epochs and prepare_batch's passes
+    ppo_s = (a.epochs + 1) * N * a.max_steps / n * t_ppo
+    gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2 ** 30:.0f} GiB" if cuda else "CPU"
+    print(f"preflight on {gpu}: {a.model}, {agent.lm.dtype}, --micro_batch {n}, --grad_ckpt {a.grad_ckpt}\n"
+          f"rollout step, {N} prompts of {P} tokens + {M} new: peak memory {m_gen:.1f} GiB, {t_gen:.1f} s, "
+          f"{t_gen / (N * M) * 1e3:.3f} ms per generated token\n"
+          f"PPO micro-batch, {n} sequences of {P + M} tokens, forward + backward: peak memory {m_ppo:.1f} GiB, "
+          f"{t_ppo:.1f} s, {t_ppo / (n * (P + M)) * 1e3:.3f} ms per token\n"
+          f"one iteration at most ({N} x {a.max_steps} steps, every prompt and response at its limit): rollout "
+          f"{rollout_s / 60:.1f} min + PPO {ppo_s / 60:.1f} min = {(rollout_s + ppo_s) / 60:.1f} min", flush=True)
+    return {"peak_gib": max(m_gen, m_ppo), "iteration_s": rollout_s + ppo_s}
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -1011,6 +1150,8 @@ def train(args):
     agent = Agent(args, device)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
     tau_state = {"updates": 0}
+    if args.preflight:
+        return preflight(agent, opt)
     start, saved = 0, args.resume  # saved: the last good checkpoint
     metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "checkpoint.pt")
     if args.resume:
@@ -1052,7 +1193,8 @@ def train(args):
                  **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
                     for tt in sorted({e["task_type"] for e in eps})},
                  **{f"expert_share/{k}": np.mean(np.array(S["k"]) == k) for k in range(args.experts[0])},
-                 **stats, "env_steps": len(S["k"]), "rollout_s": t_roll, "prepare_s": t_prep,
+                 **stats, "resp_len_mean": np.mean(S["resp_len"]), "resp_len_max": max(S["resp_len"]),
+                 "env_steps": len(S["k"]), "rollout_s": t_roll, "prepare_s": t_prep,
                  "update_s": time.time() - t0 - t_roll - t_prep, "iteration_s": time.time() - t0}
             m["sps"] = m["env_steps"] / m["iteration_s"]
             if args.eval_every and (it % args.eval_every == 0 or it == args.iterations):

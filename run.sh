@@ -2,6 +2,8 @@
 # PA-MoE in one command.
 #   bash run.sh            train. CUDA: ALFWorld + Qwen2.5-1.5B-Instruct (needs the official games: ALFWORLD_DATA);
 #                          CPU: toy env + tiny model (~10 min on 2 cores)
+#   bash run.sh --preflight   the same preset: one rollout step and one PPO micro-batch at the largest sizes, peak
+#                          memory and time per token, then exit (a GPU user's first command, README)
 #   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
 #   bash run.sh test       the test suite
 #   bash run.sh bench      cost of routed experts vs one LoRA -> bench.json (python bench.py --help)
@@ -41,9 +43,12 @@ esac
 job=default
 if [ "${1:-}" = "alfworld" ]; then job=alfworld; shift; fi
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  # one GPU: the paper's ALFWorld setting scaled to one GPU (see README, "Reproducing the paper on one GPU")
+  # one GPU: the paper's ALFWorld setting scaled to one GPU (see README, "Reproducing the paper on one GPU").
+  # Memory: fits a 24 GB card by README's memory table (derived); on 40 GB add --grad_ckpt false --micro_batch 4,
+  # on 80 GB --grad_ckpt false (faster: no replayed forward)
   preset=(--env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --action_format tagged --max_new_tokens 512
           --max_steps 50 --num_envs 32 --iterations 150 --eval_every 10 --eval_episodes 128 --minibatch 8
+          --micro_batch 8 --grad_ckpt true
           --epochs 1 --ent_coef 0.001 --lr_experts 1e-6 --lr_router 1e-4 --lr_critic 1e-5 --out_dir runs/pamoe-gpu)
 elif [ "$job" = "alfworld" ]; then
   # CPU: the whole ALFWorld path with the tiny model on the project's offline mini game set
