@@ -872,7 +872,7 @@ def prepare_batch(agent, R):
 
 
 def grad_norm(grads):
-    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    return float(sum((g.float() ** 2).sum() for g in grads if g is not None) ** 0.5)
 
 
 class NonFiniteError(RuntimeError):
@@ -892,8 +892,8 @@ def ppo_update(agent, opt, R, B, tau_state):
     a, dev = agent.args, agent.device
     stats = defaultdict(list)
     router_params = list(agent.router.parameters()) if agent.router is not None else []
-    for _ in range(a.epochs):
-        for mb in torch.randperm(len(R["seq"])).split(a.minibatch):
+    for epoch in range(a.epochs):
+        for step, mb in enumerate(torch.randperm(len(R["seq"])).split(a.minibatch)):
             seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
             mb = mb.to(dev)
             lanes, k = B["lanes"][mb], B["k"][mb]
@@ -952,13 +952,15 @@ def ppo_update(agent, opt, R, B, tau_state):
                                  ("ratio_sq", masked_mean(ratio ** 2, mask))):
                     mean[key] += share * float(val.detach())
             check_finite({"value_loss": v_loss, **aux_terms})
-            # diagnosis: the router gradient of each auxiliary term alone; the task's is the rest of the total
+            # diagnosis, on the first minibatch of an iteration: the router gradient of each auxiliary term alone
+            # (the task's is the rest of the total)
+            diagnose = router_params and epoch == step == 0
             aux_grads = {name: torch.autograd.grad(term, router_params, retain_graph=True, allow_unused=True)
-                         for name, term in aux_terms.items() if router_params and term.requires_grad}
+                         for name, term in aux_terms.items() if diagnose and term.requires_grad}
             outs = [(a.vf_coef * v_loss + sum(aux_terms.values()), None)]  # critic and router terms, and the
             outs += [(x, c.grad) for x, c in zip((gates, router_logratio), cut) if c is not None and c.grad is not None]
             torch.autograd.backward(*zip(*outs))  # micro-batches' gradients of the gates and log-ratios
-            if router_params:
+            if diagnose:
                 task = [p_.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
                         for i, p_ in enumerate(router_params) if p_.grad is not None]
                 stats["router_grad/task"].append(grad_norm(task))
