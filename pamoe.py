@@ -97,10 +97,11 @@ class Args:
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
     out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log and checkpoint.pt go")
     resume: str = arg("", "checkpoint to resume from (continues to --iterations)")
-    iterations: int = arg(70, "training iterations (one rollout + one PPO update each)")
+    iterations: int = arg(40, "training iterations (one rollout + one PPO update each)")
     num_envs: int = arg(32, "environments stepped in lockstep per iteration (one episode each)")
     max_steps: int = arg(20, "step limit per episode (truncation, bootstrapped)")
-    history: int = arg(2, "past observation/action pairs shown in the prompt")
+    history: int = arg(0, "past observation/action pairs shown in the prompt (paper: 2; the toy's observation "
+                          "tells the whole state)")
     max_prompt_tokens: int = arg(2048, "prompt limit: the oldest history is dropped to fit, then the left is cut")
     action_format: str = arg("label", "label (number of an admissible action) | tagged (<think>/<action>)")
     max_new_tokens: int = arg(1, "response length limit per step (512 for the tagged format)")
