@@ -205,10 +205,24 @@ def bench_agent(device, K, rank, warmup, repeats):
     R = pamoe.rollout(agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False)
     B = pamoe.prepare_batch(agent, R)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
+    sec, peak = measure(lambda: pamoe.prepare_batch(agent, R), device, warmup, repeats)
+    rows.append(dict(size="tiny", what="old + reference log-probs, values, GAE (env steps/s)", seconds=sec,
+                     per_s=len(R["seq"]) / sec, peak_bytes=peak))
     sec, peak = measure(lambda: pamoe.ppo_update(agent, opt, R, B, {"updates": 0}), device, warmup, repeats)
     tokens = args.epochs * sum(len(s) for s in R["seq"])
     rows.append(dict(size="tiny", what="PPO update (fwd+bwd tokens/s)", seconds=sec, per_s=tokens / sec,
                      peak_bytes=peak))
+
+    def heads():  # the part of that update spent in the router (this and the next step) and the critic
+        for _ in range(args.epochs):
+            for mb in torch.randperm(len(R["seq"])).split(args.minibatch):
+                w, lanes = B["windows"][mb], B["lanes"][mb]
+                out = agent.router(R["table"][torch.cat([w, w])], R["goal_states"][lanes.repeat(2)],
+                                   R["goal_mask"][lanes.repeat(2)]).sum()
+                (out + agent.critic(R["table"][w], R["goal_states"][lanes], R["goal_mask"][lanes]).sum()).backward()
+    sec, peak = measure(heads, device, warmup, repeats)
+    rows.append(dict(size="tiny", what="  of which router + critic fwd+bwd (env steps/s)", seconds=sec,
+                     per_s=args.epochs * len(R["seq"]) / sec, peak_bytes=peak))
     env_batch.close()
     return rows
 

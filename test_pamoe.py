@@ -617,7 +617,7 @@ def test_bench_runs_and_reports_every_row(tmp_path, capsys):
                          "--out", out])
     whats = [r["what"] for r in report["rows"]]
     for needle in ("frozen base", "one LoRA", "routed experts, one stacked pass", "masked full passes",
-                   "generate: base", "generate: 4 routed", "experts off", "rollout: phase router + 4", "PPO update"):
+                   "generate: base", "generate: 4 routed", "experts off", "rollout: phase router + 4", "PPO update", "reference log-probs", "router + critic"):
         assert sum(needle in w for w in whats) == 1, needle
     assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in report["rows"] if r["size"] == "tiny")
     assert json.load(open(out))["rows"] == report["rows"]
