@@ -12,6 +12,7 @@ Run:
     python pamoe.py --help              # every flag
     python pamoe.py --routing token     # the ablations: phase (default) | token | trajectory | dense
     python pamoe.py --resume runs/pamoe/checkpoint.pt
+    torchrun --nproc_per_node 8 pamoe.py <flags>   # data parallel: 8 GPUs (or CPU processes), README "Scaling out"
 
 Reading order: Args -> model and LoRA experts -> phase router and critic -> pure algorithm functions (GAE,
 PPO, KL, switch and balance losses) -> rollout -> PPO update -> evaluation -> training loop -> main.
@@ -171,9 +172,8 @@ class Args:
         need(self.eval_episodes or not self.eval_every, f"--eval_episodes 0 with --eval_every {self.eval_every} "
              f"evaluates nothing; set --eval_episodes >= 1 or --eval_every 0")
         world = rank_world()[1]  # torchrun's processes share the environments and the evaluation episodes
-        for name in ("num_envs",) + ("eval_episodes",) * bool(self.eval_every):
-            need(getattr(self, name) >= world, f"--{name} {getattr(self, name)} leaves some of the {world} processes "
-                 f"without an episode; use >= {world} or fewer processes")
+        need(min(self.num_envs, self.eval_episodes if self.eval_every else world) >= world, f"--num_envs "
+             f"{self.num_envs} and --eval_episodes {self.eval_episodes}: too few for {world} processes; use >= {world}")
         need(self.router_window <= self.max_steps, f"--router_window {self.router_window} is longer than an episode "
              f"(--max_steps {self.max_steps}); use --router_window <= {self.max_steps}")
         need(self.action_format == "label" or self.max_new_tokens >= 16, f"--max_new_tokens {self.max_new_tokens} "
@@ -250,22 +250,8 @@ def rank_world():
 
 def my_lanes(n):
     """This rank's contiguous share of n lanes (environments or evaluation episodes), as global lane numbers."""
-    rank, world = rank_world()
-    return range(rank * n // world, (rank + 1) * n // world)
-
-
-@contextlib.contextmanager
-def process_group(device):
-    """Under torchrun, the group of all ranks for the duration of a run: gloo, and NCCL for CUDA tensors."""
-    if "WORLD_SIZE" in os.environ:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    r, w = rank_world()
+    return range(r * n // w, (r + 1) * n // w)
 
 
 def all_sum(x):
@@ -290,10 +276,9 @@ def all_choices(k, K):
 
 def all_gather(obj):
     """Every rank's obj (any picklable value), in rank order; [obj] in one process."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * rank_world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -964,10 +949,9 @@ def check_finite(named):
 
 def ppo_update(agent, opt, R, B, tau_state):
     """Several epochs of minibatch PPO over one rollout; experts, router and critic step together.
-    Returns mean statistics, among them the norm of the router gradient that each term contributes.
-    Data parallel: R is this rank's share of the rollout, and each rank cuts it into as many minibatches as the whole
-    needs (none empty); every mean and statistic of a minibatch is over all ranks' parts of it, each rank's losses
-    are its share of the whole minibatch's, and their gradients are summed before each step."""
+    Returns mean statistics, among them the norm of the router gradient that each term contributes. Data parallel:
+    R is this rank's share; it cuts it into as many minibatches (none empty) as the whole rollout needs, whose means
+    and statistics are over all ranks: each rank's loss is its share of the minibatch's, the gradients are summed."""
     a, dev = agent.args, agent.device
     stats = defaultdict(list)
     router_params = list(agent.router.parameters()) if agent.router is not None else []
@@ -1244,10 +1228,12 @@ def seed_everything(seed):
 
 
 def train(args):
-    """One process, or under torchrun one rank of N: it steps its share of --num_envs lanes (each with the seed it has
-    in one process), on cuda:LOCAL_RANK with CUDA; rank 0 alone writes metrics, eval.log and checkpoints."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device, (rank, world) = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"), rank_world()
+    """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone writes files)."""
+    cuda, rank = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()), rank_world()[0]
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if "WORLD_SIZE" in os.environ:  # started by torchrun: join the group of all ranks (CUDA tensors over NCCL)
+        torch.cuda.set_device(device) if cuda else None
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     os.makedirs(args.out_dir, exist_ok=True)
     seed_everything(args.seed)  # the same model, experts, router and critic on every rank
     agent = Agent(args, device)
@@ -1269,10 +1255,11 @@ def train(args):
         os.remove(metrics_path)
     lanes = my_lanes(args.num_envs)
     env_batch = envs.make_env_batch(args.env, len(lanes), args.max_steps, "train", args.alfworld_data)
-    with contextlib.closing(env_batch), process_group(device):  # workers and group end with the run, however it ends
+    with contextlib.closing(env_batch):  # workers end with the run, however it ends
         if args.router_init == "kmeans" and args.routing == "phase" and not args.resume:
             fit = init_router_kmeans(agent, env_batch, [args.seed * 1_000_003 + n for n in lanes], args.tau_start)
-            rank or tqdm.write(f"router initialised on k-means clusters of step features: reproduces {fit:.0%} of steps")
+            if rank == 0:
+                tqdm.write(f"router initialised on k-means clusters of step features: reproduces {fit:.0%} of steps")
         bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
                    dynamic_ncols=True, file=sys.stdout, disable=rank > 0)
         last = {}
@@ -1334,6 +1321,9 @@ def main(argv=None):
         ckpt = os.path.join(args.out_dir, "checkpoint.pt")
         raise SystemExit(f"pamoe.py: error: {e}. The unfinished iteration was not logged and {ckpt} (if any) is "
                          f"intact: fix or remove that game, then rerun with --resume {ckpt}") from e
+    finally:
+        if dist.is_initialized():  # torchrun's group, which train joined
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

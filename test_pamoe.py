@@ -839,17 +839,24 @@ def update_rank(rank, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
-    with pamoe.process_group(torch.device("cpu")):
-        rollouts = torch.load(os.path.join(folder, "rollouts.pt"), weights_only=False)
-        torch.save([update_on_my_lanes(f, R) for f, R in zip(UPDATE_CASES.values(), rollouts)],
-                   os.path.join(folder, f"rank{rank}.pt"))
+    torch.distributed.init_process_group("gloo")
+    rollouts = torch.load(os.path.join(folder, "rollouts.pt"), weights_only=False)
+    results = [update_on_my_lanes(f, R) for f, R in zip(UPDATE_CASES.values(), rollouts)]
+    if rank == 1:  # a nan on one rank only: every rank must stop, none may wait for it in a collective
+        pamoe.kl_k3 = lambda *args: torch.tensor(float("nan"))
+    try:
+        update_on_my_lanes([], rollouts[0])
+    except pamoe.NonFiniteError as e:
+        results.append(str(e))
+    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_update_on_halves_of_a_rollout_as_one_process_on_all_of_it(tmp_path, monkeypatch):
     """Data parallel PPO is exact: one rollout of 4 lanes, split 2 + 2 across 2 ranks (gloo), gives after one update the
     same experts, router, critic and gradients as one process on the whole rollout: advantages whitened, token means,
     value and switch means, load balance (a nonlinear function of the batch's mean router probabilities) and the
-    bias balance's load, all over both ranks' steps."""
+    bias balance's load, all over both ranks' steps. A nan on one rank stops both."""
     rollouts = []
     for flags in UPDATE_CASES.values():
         agent = make_agent(*flags)
@@ -861,6 +868,7 @@ def test_two_ranks_update_on_halves_of_a_rollout_as_one_process_on_all_of_it(tmp
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(update_rank, args=(port, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r.pop() for r in ranks] == ["kl", "kl"]
     for case, R, two, other in zip(UPDATE_CASES, rollouts, *ranks):
         one = update_on_my_lanes(UPDATE_CASES[case], R)
         assert one.keys() == two.keys() and any("router" in n and float(t.abs().max()) > 0 for n, t in two.items()
@@ -899,5 +907,5 @@ def test_two_ranks_train_evaluate_checkpoint_and_resume_with_torchrun(tmp_path, 
     with pytest.raises(SystemExit, match="written by 2 processes and this run has 1: resume with as many"):
         pamoe.main(flags + ["--iterations", "4", "--resume", ckpt])
     monkeypatch.setenv("WORLD_SIZE", "8")
-    with pytest.raises(SystemExit, match="--num_envs 4 leaves some of the 8 processes without an episode"):
+    with pytest.raises(SystemExit, match="--num_envs 4 and --eval_episodes 64: too few for 8 processes; use >= 8"):
         pamoe.parse_args(SMALL)
