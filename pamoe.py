@@ -142,7 +142,7 @@ class Args:
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(2, "PPO epochs over each rollout")
-    minibatch: int = arg(64, "environment steps per minibatch")
+    minibatch: int = arg(64, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
     micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
     grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
@@ -264,8 +264,7 @@ def all_sum(x):
 
 
 def summed(x):
-    """x summed over all ranks, with the gradient of this rank's x: a term of the whole batch, of which each rank
-    back-propagates its own share (ppo_update sums the ranks' gradients)."""
+    """x summed over all ranks, with the gradient of this rank's x only: each rank back-propagates its share."""
     return all_sum(x.detach()) + (x - x.detach())
 
 
@@ -940,8 +939,7 @@ class NonFiniteError(RuntimeError):
 
 
 def check_finite(named):
-    """Raise NonFiniteError naming the first of {name: tensor} that holds a nan or inf on any rank (every rank raises
-    it: none waits for the others in a collective; one device sync)."""
+    """Raise NonFiniteError naming the first of {name: tensor} that holds a nan or inf on any rank, on every rank."""
     finite = (all_sum(torch.stack([~t.detach().isfinite().all() for t in named.values()]).int()) == 0).tolist()
     if not all(finite):
         raise NonFiniteError(list(named)[finite.index(False)])
@@ -950,8 +948,7 @@ def check_finite(named):
 def ppo_update(agent, opt, R, B, tau_state):
     """Several epochs of minibatch PPO over one rollout; experts, router and critic step together.
     Returns mean statistics, among them the norm of the router gradient that each term contributes. Data parallel:
-    R is this rank's share; it cuts it into as many minibatches (none empty) as the whole rollout needs, whose means
-    and statistics are over all ranks: each rank's loss is its share of the minibatch's, the gradients are summed."""
+    each rank cuts its share R into the minibatches the whole needs; means, statistics and gradients are over all."""
     a, dev = agent.args, agent.device
     stats = defaultdict(list)
     router_params = list(agent.router.parameters()) if agent.router is not None else []
@@ -976,7 +973,7 @@ def ppo_update(agent, opt, R, B, tau_state):
                     router_logratio = p.gather(1, k[:, None])[:, 0].log() - B["router_logp"][mb]
                 pairs = (nxt >= 0).sum()
                 sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
-                balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, len(p[0])), a.balance)
+                balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
                 aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
                 stats["switch_penalty"].append(float(sw.detach()))
                 stats["router_entropy"].append(all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n)
@@ -991,9 +988,8 @@ def ppo_update(agent, opt, R, B, tau_state):
             if a.routing == "token" and (len(parts) > 1 or dist.is_initialized()):  # balance over all its tokens
                 with torch.no_grad():
                     agent.response_logprobs(seqs, pl, rl, a.temperature, None)
-                probs = real_tokens(agent.routing.token_probs, seqs)
-                token_stats = [(P, all_choices(p_.argmax(-1), len(P))) for P, p_ in
-                               zip(all_sum(torch.stack([p_.sum(0) for p_ in probs])) / n_tok, probs)]
+                token_stats = [(all_sum(p_.sum(0)) / n_tok, all_choices(p_.argmax(-1), p_.shape[1]))
+                               for p_ in real_tokens(agent.routing.token_probs, seqs)]
             opt.zero_grad(set_to_none=True)
             for part in parts:
                 seqs_, pl_, rl_ = ([x[i] for i in part] for x in (seqs, pl, rl))
@@ -1231,8 +1227,9 @@ def train(args):
     """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone writes files)."""
     cuda, rank = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()), rank_world()[0]
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ:  # started by torchrun: join the group of all ranks (CUDA tensors over NCCL)
-        torch.cuda.set_device(device) if cuda else None
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     os.makedirs(args.out_dir, exist_ok=True)
     seed_everything(args.seed)  # the same model, experts, router and critic on every rank
