@@ -852,7 +852,7 @@ def update_rank(rank, port, folder):
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_update_on_halves_of_a_rollout_as_one_process_on_all_of_it(tmp_path, monkeypatch):
+def test_two_ranks_update_on_halves_of_a_rollout_as_one_process_on_all_of_it(tmp_path):
     """Data parallel PPO is exact: one rollout of 4 lanes, split 2 + 2 across 2 ranks (gloo), gives after one update the
     same experts, router, critic and gradients as one process on the whole rollout: advantages whitened, token means,
     value and switch means, load balance (a nonlinear function of the batch's mean router probabilities) and the
