@@ -12,6 +12,7 @@ Run:
     python pamoe.py --help              # every flag
     python pamoe.py --routing token     # the ablations: phase (default) | token | trajectory | dense
     python pamoe.py --resume runs/pamoe/checkpoint.pt
+    torchrun --nproc_per_node 8 pamoe.py <flags>   # data parallel: 8 GPUs (or CPU processes), README "Scaling out"
 
 Reading order: Args -> model and LoRA experts -> phase router and critic -> pure algorithm functions (GAE,
 PPO, KL, switch and balance losses) -> rollout -> PPO update -> evaluation -> training loop -> main.
@@ -64,6 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -141,7 +143,7 @@ class Args:
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(2, "PPO epochs over each rollout")
-    minibatch: int = arg(64, "environment steps per minibatch")
+    minibatch: int = arg(64, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
     micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
     grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
@@ -170,6 +172,9 @@ class Args:
              f"rollout would exhaust memory; keep the product <= 100000")
         need(self.eval_episodes or not self.eval_every, f"--eval_episodes 0 with --eval_every {self.eval_every} "
              f"evaluates nothing; set --eval_episodes >= 1 or --eval_every 0")
+        world = rank_world()[1]  # torchrun's processes share the environments and the evaluation episodes
+        need(min(self.num_envs, self.eval_episodes if self.eval_every else world) >= world, f"--num_envs "
+             f"{self.num_envs} and --eval_episodes {self.eval_episodes}: too few for {world} processes; use >= {world}")
         need(self.router_window <= self.max_steps, f"--router_window {self.router_window} is longer than an episode "
              f"(--max_steps {self.max_steps}); use --router_window <= {self.max_steps}")
         need(self.action_format == "label" or self.max_new_tokens >= 16, f"--max_new_tokens {self.max_new_tokens} "
@@ -234,6 +239,47 @@ def parse_args(argv=None):
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
                             **({"nargs": "?", "const": True} if kind is boolean else {}))  # --flag alone: true
     return Args(**vars(parser.parse_args(argv))).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data parallel (torchrun): each rank steps its share of the lanes; a few collectives, the identity in one process
+# ---------------------------------------------------------------------------------------------------------
+def rank_world():
+    """This process's rank and the number of processes, as torchrun sets them; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def my_lanes(n):
+    """This rank's contiguous share of n lanes (environments or evaluation episodes), as global lane numbers."""
+    r, w = rank_world()
+    return range(r * n // w, (r + 1) * n // w)
+
+
+def all_sum(x):
+    """A tensor or a number summed over all ranks; x itself in one process."""
+    if not dist.is_initialized():
+        return x
+    t = x.detach().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
+    dist.all_reduce(t)
+    return t if torch.is_tensor(x) else t.item()
+
+
+def summed(x):
+    """x summed over all ranks, with the gradient of this rank's x only: each rank back-propagates its share."""
+    return all_sum(x.detach()) + (x - x.detach())
+
+
+def all_choices(k, K):
+    """Experts chosen (n,) on this rank -> those of all ranks, sorted (what counting them needs)."""
+    return torch.arange(K, device=k.device).repeat_interleave(all_sum(torch.bincount(k, minlength=K)))
+
+
+def all_gather(obj):
+    """Every rank's obj (any picklable value), in rank order; [obj] in one process."""
+    out = [obj] * rank_world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,8 +544,10 @@ def masked_mean(x, mask):
 
 
 def whiten(x, mask):
-    mean = masked_mean(x, mask)
-    std = masked_mean((x - mean) ** 2, mask).sqrt()
+    """(x - mean) / std, both over the entries in mask of all ranks."""
+    n = all_sum(mask.sum())
+    mean = all_sum(torch.where(mask, x, 0).sum()) / n
+    std = (all_sum(torch.where(mask, (x - mean) ** 2, 0).sum()) / n).sqrt()
     return torch.where(mask, (x - mean) / (std + 1e-8), 0)
 
 
@@ -787,6 +835,13 @@ def rollout_stats(S, N):
     return eps
 
 
+def gather_steps(S, lanes):
+    """The per-step lists that statistics read, of every rank's rollout over its `lanes` (lane numbers made global)."""
+    keys = ("lane", "reward", "won", "task_type", "k", "phase", "invalid", "resp_len")
+    mine = {key: [lanes[n] for n in S[key]] if key == "lane" else S[key] for key in keys}
+    return {key: sum((part[key] for part in all_gather(mine)), []) for key in keys}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Label-free router initialisation (--router_init kmeans)
 # ---------------------------------------------------------------------------------------------------------
@@ -797,10 +852,12 @@ def init_router_kmeans(agent, env_batch, seeds, tau):
     experts start on different kinds of steps. The label-free counterpart of the released code's router
     pre-training on heuristic phase labels. Returns the fraction of steps the fitted router assigns to their
     cluster (argmax)."""
-    a = agent.args
+    a, (rank, world) = agent.args, rank_world()
     R = rollout(agent, env_batch, seeds, tau, a.temperature, greedy_router=False)
     windows, lanes = torch.tensor(R["window"], device=agent.device), torch.tensor(R["lane"], device=agent.device)
-    ids = kmeans(R["table"][windows[:, -1]].cpu(), a.num_experts, a.seed).to(agent.device)  # (S,)
+    features = all_gather(R["table"][windows[:, -1]].cpu())  # every rank's steps: the same clusters on every rank
+    start = sum(map(len, features[:rank]))
+    ids = kmeans(torch.cat(features), a.num_experts, a.seed)[start:start + len(windows)].to(agent.device)  # (S,)
     opt = torch.optim.Adam(agent.router.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(a.seed)
     for _ in range(a.router_init_steps):
@@ -810,10 +867,12 @@ def init_router_kmeans(agent, env_batch, seeds, tau):
         loss = F.nll_loss(p.clamp(min=1e-12).log(), ids[mb])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for q in agent.router.parameters():  # data parallel: the ranks' gradients averaged
+            q.grad = all_sum(q.grad) / world
         opt.step()
     with torch.no_grad():
         p = router_probs(agent.router, R["table"][windows], R["goal_states"][lanes], R["goal_mask"][lanes], tau)
-    return float((p.argmax(-1) == ids).float().mean())
+    return all_sum(float((p.argmax(-1) == ids).sum())) / all_sum(len(ids))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -881,22 +940,25 @@ class NonFiniteError(RuntimeError):
 
 
 def check_finite(named):
-    """Raise NonFiniteError naming the first of {name: tensor} that holds a nan or inf (one device sync)."""
-    finite = torch.stack([t.detach().isfinite().all() for t in named.values()]).tolist()
+    """Raise NonFiniteError naming the first of {name: tensor} that holds a nan or inf on any rank, on every rank."""
+    finite = (all_sum(torch.stack([~t.detach().isfinite().all() for t in named.values()]).int()) == 0).tolist()
     if not all(finite):
         raise NonFiniteError(list(named)[finite.index(False)])
 
 
 def ppo_update(agent, opt, R, B, tau_state):
     """Several epochs of minibatch PPO over one rollout; experts, router and critic step together.
-    Returns mean statistics, among them the norm of the router gradient that each term contributes."""
+    Returns mean statistics, among them the norm of the router gradient that each term contributes. Data parallel:
+    each rank cuts its share R into the minibatches the whole needs; means, statistics and gradients are over all."""
     a, dev = agent.args, agent.device
     stats = defaultdict(list)
     router_params = list(agent.router.parameters()) if agent.router is not None else []
+    sizes = all_gather(len(R["seq"]))
     for epoch in range(a.epochs):
-        for step, mb in enumerate(torch.randperm(len(R["seq"])).split(a.minibatch)):
+        for step, mb in enumerate(torch.randperm(len(R["seq"])).tensor_split(
+                min(math.ceil(sum(sizes) / a.minibatch), *sizes))):
             seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
-            mb = mb.to(dev)
+            mb, n, tokens = mb.to(dev), all_sum(len(mb)), all_sum(sum(rl))  # steps and response tokens of all ranks
             lanes, k = B["lanes"][mb], B["k"][mb]
             router_logratio, aux_terms = torch.zeros(len(mb), device=dev), {}
             gates = step_gates_for(agent, mb, B["k"])
@@ -910,21 +972,25 @@ def ppo_update(agent, opt, R, B, tau_state):
                 gates = step_gates(p, k, a.router_grad == "st")
                 if a.router_grad == "pg":  # the expert choice is part of the action: log p_t(k_t) joins the ratio
                     router_logratio = p.gather(1, k[:, None])[:, 0].log() - B["router_logp"][mb]
-                sw = switch_penalty(p, p_next, nxt >= 0)
-                aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance_loss(p, k, a.balance)}
+                pairs = (nxt >= 0).sum()
+                sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
+                balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
+                aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
                 stats["switch_penalty"].append(float(sw.detach()))
-                stats["router_entropy"].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean().detach()))
+                stats["router_entropy"].append(all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
-            v_loss = 0.5 * ((v - B["ret"][mb]) ** 2).mean()
+            v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
             # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's token means
             # weighted by its share of the minibatch's response tokens. The router's gates and log-ratios enter them
             # as leaves cut from the router's graph; their summed gradients go through the router once, at the end.
             cut = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (gates, router_logratio)]
             parts, token_stats, mean = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None, defaultdict(float)
-            if a.routing == "token" and len(parts) > 1:  # token routers' balance: over all the minibatch's tokens
+            n_tok, checked = all_sum(sum(map(len, seqs))), defaultdict(float)  # checked: loss terms summed over parts
+            if a.routing == "token" and (len(parts) > 1 or dist.is_initialized()):  # balance over all its tokens
                 with torch.no_grad():
                     agent.response_logprobs(seqs, pl, rl, a.temperature, None)
-                token_stats = [(p_.mean(0), p_.argmax(-1)) for p_ in real_tokens(agent.routing.token_probs, seqs)]
+                token_stats = [(all_sum(p_.sum(0)) / n_tok, all_choices(p_.argmax(-1), p_.shape[1]))
+                               for p_ in real_tokens(agent.routing.token_probs, seqs)]
             opt.zero_grad(set_to_none=True)
             for part in parts:
                 seqs_, pl_, rl_ = ([x[i] for i in part] for x in (seqs, pl, rl))
@@ -935,7 +1001,7 @@ def ppo_update(agent, opt, R, B, tau_state):
                     probs = real_tokens(agent.routing.token_probs, seqs_)  # per layer (n, K)
                     stat = token_stats or [(p_.detach().mean(0), p_.argmax(-1)) for p_ in probs]
                     token_terms = {"balance": a.balance_coef * torch.stack([balance_share(
-                        p_, P, c, a.balance, sum(map(len, seqs))) for p_, (P, c) in zip(probs, stat)]).mean()}
+                        p_, P, c, a.balance, n_tok) for p_, (P, c) in zip(probs, stat)]).mean()}
                 old = nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb[part]], batch_first=True)  # (b, R)
                 ref = nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb[part]], batch_first=True)
                 adv = B["adv"][mb[part]][:, None].expand_as(logp)  # the step's advantage on every one of its tokens
@@ -944,23 +1010,28 @@ def ppo_update(agent, opt, R, B, tau_state):
                 ratio = torch.where(mask, logp_k - old, 0).exp().detach()
                 kl = kl_k3(logp, ref, mask)
                 entropy = masked_mean(ent, mask)
-                check_finite({"pg_loss": pg_loss, "kl": kl, "entropy": entropy, **token_terms})
-                share = sum(rl_) / sum(rl)
+                for key, val in {"pg_loss": pg_loss, "kl": kl, "entropy": entropy, **token_terms}.items():
+                    checked[key] = checked[key] + val.detach()
+                share = sum(rl_) / tokens
                 with agent.routing(gates_):  # --grad_ckpt replays the layers in backward: route them as before
                     (share * (pg_loss + a.kl_coef * kl - a.ent_coef * entropy) + sum(token_terms.values())).backward()
                 for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
                                  ("entropy", entropy), ("ratio", masked_mean(ratio, mask)),
                                  ("ratio_sq", masked_mean(ratio ** 2, mask))):
                     mean[key] += share * float(val.detach())
-            check_finite({"value_loss": v_loss, **aux_terms})
+            check_finite({**checked, "value_loss": v_loss, **aux_terms})
+            mean = dict(zip(mean, all_sum(torch.tensor(list(mean.values()), dtype=torch.float64)).tolist()))
             # diagnosis, on the first minibatch of an iteration: the router gradient of each auxiliary term alone
             # (the task's is the rest of the total)
             diagnose = router_params and epoch == step == 0
-            aux_grads = {name: torch.autograd.grad(term, router_params, retain_graph=True, allow_unused=True)
-                         for name, term in aux_terms.items() if diagnose and term.requires_grad}
+            aux_grads = {name: [g if g is None else all_sum(g) for g in torch.autograd.grad(
+                term, router_params, retain_graph=True, allow_unused=True)]
+                for name, term in aux_terms.items() if diagnose and term.requires_grad}
             outs = [(a.vf_coef * v_loss + sum(aux_terms.values()), None)]  # critic and router terms, and the
             outs += [(x, c.grad) for x, c in zip((gates, router_logratio), cut) if c is not None and c.grad is not None]
             torch.autograd.backward(*zip(*outs))  # micro-batches' gradients of the gates and log-ratios
+            for q in agent.parameters():  # every rank's share summed: the whole minibatch's gradient on every rank
+                q.grad = None if q.grad is None else all_sum(q.grad)
             if diagnose:
                 task = [p_.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
                         for i, p_ in enumerate(router_params) if p_.grad is not None]
@@ -974,14 +1045,14 @@ def ppo_update(agent, opt, R, B, tau_state):
             if a.balance == "bias" and agent.router is not None:  # DeepSeek-V3: after each step, raise the bias
                 K = len(agent.router_bias)  # of experts the current router under-uses, lower it for over-used ones
                 chosen = (p.detach().log() + agent.router_bias / tau).argmax(-1)
-                load = torch.bincount(chosen, minlength=K).float() / len(chosen)
+                load = all_sum(torch.bincount(chosen, minlength=K)).float() / n
                 agent.router_bias += a.bias_rate * torch.sign(1 / K - load)
             mean.update(ratio_var=mean.pop("ratio_sq") - mean.pop("ratio") ** 2, value_loss=float(v_loss.detach()))
             for key, val in mean.items():
                 stats[key].append(val)
     check_finite({f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad})
     out = {key: float(np.mean(v)) for key, v in stats.items()}
-    out["explained_variance"] = explained_variance(B["values"], B["ret"])
+    out["explained_variance"] = explained_variance(*(torch.cat(all_gather(x.cpu())) for x in (B["values"], B["ret"])))
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
     return out
 
@@ -993,11 +1064,11 @@ EVAL_SEED = 10_000_000
 
 
 def evaluate(agent, tau):
-    a = agent.args
-    env_batch = envs.make_env_batch(a.env, a.eval_episodes, a.max_steps, a.eval_split, a.alfworld_data)
+    a, lanes = agent.args, my_lanes(agent.args.eval_episodes)  # this rank's share of the fixed episodes
+    env_batch = envs.make_env_batch(a.env, len(lanes), a.max_steps, a.eval_split, a.alfworld_data)
     with contextlib.closing(env_batch):
-        S = rollout(agent, env_batch, [EVAL_SEED + i for i in range(a.eval_episodes)], tau, a.eval_temperature,
-                    greedy_router=True)
+        S = gather_steps(rollout(agent, env_batch, [EVAL_SEED + i for i in lanes], tau, a.eval_temperature,
+                                 greedy_router=True), lanes)
     eps = rollout_stats(S, a.eval_episodes)
     m = {"eval/success": np.mean([e["won"] for e in eps]), "eval/steps": np.mean([e["steps"] for e in eps]),
          "eval/switches": np.mean([e["switches"] for e in eps]), "eval/invalid": np.mean(S["invalid"])}
@@ -1060,11 +1131,16 @@ def set_rng_state(s):
 
 
 def save_checkpoint(path, agent, opt, iteration, tau_state):
+    """Rank 0 writes the trained state (the same on every rank) and every rank's RNG streams; the others wait."""
     state = {"trainable": agent.trainable_state(), "optimizer": opt.state_dict(), "iteration": iteration,
-             "tau_updates": tau_state["updates"], "rng": rng_state(), "args": dataclasses.asdict(agent.args)}
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+             "tau_updates": tau_state["updates"], "rng": all_gather(rng_state()), "world_size": rank_world()[1],
+             "args": dataclasses.asdict(agent.args)}
+    if rank_world()[0] == 0:
+        tmp = f"{path}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # the flags that define what a checkpoint holds (`tiny` builds its frozen base from --env, --seed and the format steps)
@@ -1074,7 +1150,7 @@ MODEL_FLAGS = ("model", "env", "seed", "tiny_format_steps", "routing", "num_expe
 
 def load_checkpoint(path, agent, opt, tau_state):
     try:
-        state = torch.load(path, map_location=agent.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU tensors
     except Exception as e:  # whatever these bytes are, they are no checkpoint
         state = e
     need(isinstance(state, dict) and {"trainable", "optimizer", "iteration", "args"} <= set(state),
@@ -1085,12 +1161,15 @@ def load_checkpoint(path, agent, opt, tau_state):
     shapes = {n: t.shape for n, t in agent.trainable_state().items()}
     need(shapes == {n: t.shape for n, t in state["trainable"].items()}, f"--resume {path}: its tensors do not fit "
          f"this model although the flags match (another version of pamoe.py?); start a new run")
+    (rank, world), saved_world = rank_world(), state.get("world_size", 1)
+    need(saved_world == world, f"--resume {path} was written by {saved_world} processes and this run has {world}: "
+         f"resume with as many (torchrun --nnodes x --nproc_per_node; plain python for 1)")
     need(state["iteration"] < agent.args.iterations, f"--resume {path} is at iteration {state['iteration']} already; "
          f"raise --iterations (now {agent.args.iterations}) to continue")
     agent.load_state_dict(state["trainable"], strict=False)
     opt.load_state_dict(state["optimizer"])
     tau_state["updates"] = state["tau_updates"]
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"][rank] if "world_size" in state else state["rng"])
     return state["iteration"]
 
 
@@ -1146,12 +1225,18 @@ def seed_everything(seed):
 
 
 def train(args):
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone writes files)."""
+    cuda, rank = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()), rank_world()[0]
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ:  # started by torchrun: join the group of all ranks (CUDA tensors over NCCL)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     os.makedirs(args.out_dir, exist_ok=True)
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # the same model, experts, router and critic on every rank
     agent = Agent(args, device)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
+    torch.manual_seed(args.seed + rank)  # and from here one sampling stream per rank
     tau_state = {"updates": 0}
     if args.preflight:
         return preflight(agent, opt)
@@ -1159,29 +1244,31 @@ def train(args):
     metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "checkpoint.pt")
     if args.resume:
         start = load_checkpoint(args.resume, agent, opt, tau_state)
-        if os.path.exists(metrics_path):  # drop lines written after the checkpoint
+        if rank == 0 and os.path.exists(metrics_path):  # drop lines written after the checkpoint
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)["iteration"] <= start]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    elif os.path.exists(metrics_path):
+    elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
-    env_batch = envs.make_env_batch(args.env, args.num_envs, args.max_steps, "train", args.alfworld_data)
+    lanes = my_lanes(args.num_envs)
+    env_batch = envs.make_env_batch(args.env, len(lanes), args.max_steps, "train", args.alfworld_data)
     with contextlib.closing(env_batch):  # workers end with the run, however it ends
         if args.router_init == "kmeans" and args.routing == "phase" and not args.resume:
-            fit = init_router_kmeans(agent, env_batch, [args.seed * 1_000_003 + n for n in range(args.num_envs)],
-                                     args.tau_start)
-            tqdm.write(f"router initialised on k-means clusters of step features: reproduces {fit:.0%} of steps")
+            fit = init_router_kmeans(agent, env_batch, [args.seed * 1_000_003 + n for n in lanes], args.tau_start)
+            if rank == 0:
+                tqdm.write(f"router initialised on k-means clusters of step features: reproduces {fit:.0%} of steps")
         bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
-                   dynamic_ncols=True, file=sys.stdout)
+                   dynamic_ncols=True, file=sys.stdout, disable=rank > 0)
         last = {}
         for it in bar:
             t0 = time.time()
             tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
-            seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in range(args.num_envs)]
+            seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in lanes]
             S = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
             t_roll = time.time() - t0
-            eps = rollout_stats(S, args.num_envs)
+            G = gather_steps(S, lanes)  # every rank's steps, for the statistics
+            eps = rollout_stats(G, args.num_envs)
             try:
                 B = prepare_batch(agent, S)
                 t_prep = time.time() - t0 - t_roll
@@ -1192,12 +1279,12 @@ def train(args):
                                  f"of it. Lower the learning rates (or --max_grad_norm) and {fix}") from e
             m = {"iteration": it, "success": np.mean([e["won"] for e in eps]),
                  "return": np.mean([e["return"] for e in eps]), "steps": np.mean([e["steps"] for e in eps]),
-                 "switches": np.mean([e["switches"] for e in eps]), "invalid": np.mean(S["invalid"]),
+                 "switches": np.mean([e["switches"] for e in eps]), "invalid": np.mean(G["invalid"]),
                  **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
                     for tt in sorted({e["task_type"] for e in eps})},
-                 **{f"expert_share/{k}": np.mean(np.array(S["k"]) == k) for k in range(args.experts[0])},
-                 **stats, "resp_len_mean": np.mean(S["resp_len"]), "resp_len_max": max(S["resp_len"]),
-                 "env_steps": len(S["k"]), "rollout_s": t_roll, "prepare_s": t_prep,
+                 **{f"expert_share/{k}": np.mean(np.array(G["k"]) == k) for k in range(args.experts[0])},
+                 **stats, "resp_len_mean": np.mean(G["resp_len"]), "resp_len_max": max(G["resp_len"]),
+                 "env_steps": len(G["k"]), "rollout_s": t_roll, "prepare_s": t_prep,
                  "update_s": time.time() - t0 - t_roll - t_prep, "iteration_s": time.time() - t0}
             m["sps"] = m["env_steps"] / m["iteration_s"]
             if args.eval_every and (it % args.eval_every == 0 or it == args.iterations):
@@ -1207,12 +1294,14 @@ def train(args):
                 columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items()
                                    if k.startswith("eval/success/"))
                 report = f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
-                tqdm.write(report)
-                with open(os.path.join(args.out_dir, "eval.log"), "a") as f:
-                    f.write(report + "\n")
+                if rank == 0:
+                    tqdm.write(report)
+                    with open(os.path.join(args.out_dir, "eval.log"), "a") as f:
+                        f.write(report + "\n")
             m = {k: float(v) if k != "iteration" else v for k, v in m.items()}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
             if it % args.ckpt_every == 0 or it == args.iterations:
                 save_checkpoint(ckpt_path, agent, opt, it, tau_state)
                 saved = ckpt_path
@@ -1230,6 +1319,9 @@ def main(argv=None):
         ckpt = os.path.join(args.out_dir, "checkpoint.pt")
         raise SystemExit(f"pamoe.py: error: {e}. The unfinished iteration was not logged and {ckpt} (if any) is "
                          f"intact: fix or remove that game, then rerun with --resume {ckpt}") from e
+    finally:
+        if dist.is_initialized():  # torchrun's group, which train joined
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

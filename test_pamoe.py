@@ -5,7 +5,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -801,3 +803,109 @@ def test_memory_model_counts_what_backward_keeps_and_checkpointing_cuts_it():
     table = bench.derive(rows, sizes, opts)["table"]
     fits = [(r["micro_batch grad_ckpt=False"], r["micro_batch grad_ckpt=True"]) for r in table]
     assert fits == sorted(fits) and all(0 < plain_ < ckpt_ for plain_, ckpt_ in fits)
+
+
+# --- data parallel: torchrun ranks, each on its share of the lanes --------------------------------------------------
+def take_lanes(R, lanes):
+    """What a rank stepping `lanes` (a range) collects of the rollout R: their steps, lanes numbered from 0."""
+    part = {key: [v[i] for i, n in enumerate(R["lane"]) if n in lanes] for key, v in R.items() if isinstance(v, list)}
+    part["lane"] = [n - lanes.start for n in part["lane"]]
+    return dict(part, table=R["table"], goal_states=R["goal_states"][lanes.start:lanes.stop],
+                goal_mask=R["goal_mask"][lanes.start:lanes.stop],
+                final_window={n - lanes.start: w for n, w in R["final_window"].items() if n in lanes})
+
+
+UPDATE_CASES = {"phase": ["--routing", "phase"], "phase, pg, switch balance, micro-batches": [
+    "--routing", "phase", "--router_grad", "pg", "--balance", "switch", "--micro_batch", "5"],
+    "phase, bias balance": ["--routing", "phase", "--balance", "bias"], "token": ["--routing", "token"],
+    "token, switch balance, micro-batches": ["--routing", "token", "--balance", "switch", "--micro_batch", "5"]}
+
+
+def update_on_my_lanes(flags, R):
+    """This rank's experts, router, critic, router bias and gradients after one PPO update (one minibatch, one
+    epoch, no clipping) on its share of the rollout R of 4 lanes. The step is SGD at learning rate 1, so that the
+    parameters move by the gradient itself (Adam's first step, about lr * sign(g), would blow float noise up to a
+    full step where the true gradient is 0, as for the attention's key bias)."""
+    agent = make_agent("--minibatch", "64", "--max_grad_norm", "1e9", "--balance_coef", "1", *flags)
+    randomize_experts(agent)  # else the experts' B = 0 and no gradient reaches the phase router
+    R = take_lanes(R, pamoe.my_lanes(4))
+    torch.manual_seed(0)
+    opt = torch.optim.SGD([dict(group, lr=1.0) for group in agent.param_groups()])
+    pamoe.ppo_update(agent, opt, R, pamoe.prepare_batch(agent, R), {"updates": 0})
+    return {**agent.trainable_state(), **{f"{n}.grad": p.grad for n, p in agent.named_parameters() if p.requires_grad}}
+
+
+def update_rank(rank, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rollouts = torch.load(os.path.join(folder, "rollouts.pt"), weights_only=False)
+    results = [update_on_my_lanes(f, R) for f, R in zip(UPDATE_CASES.values(), rollouts)]
+    if rank == 1:  # a nan on one rank only: every rank must stop, none may wait for it in a collective
+        pamoe.kl_k3 = lambda *args: torch.tensor(float("nan"))
+    try:
+        update_on_my_lanes([], rollouts[0])
+    except pamoe.NonFiniteError as e:
+        results.append(str(e))
+    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_update_on_halves_of_a_rollout_as_one_process_on_all_of_it(tmp_path):
+    """Data parallel PPO is exact: one rollout of 4 lanes, split 2 + 2 across 2 ranks (gloo), gives after one update the
+    same experts, router, critic and gradients as one process on the whole rollout: advantages whitened, token means,
+    value and switch means, load balance (a nonlinear function of the batch's mean router probabilities) and the
+    bias balance's load, all over both ranks' steps. A nan on one rank stops both."""
+    rollouts = []
+    for flags in UPDATE_CASES.values():
+        agent = make_agent(*flags)
+        randomize_experts(agent)
+        rollouts.append(pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, False))
+    torch.save(rollouts, tmp_path / "rollouts.pt")
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(update_rank, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r.pop() for r in ranks] == ["kl", "kl"]
+    for case, R, two, other in zip(UPDATE_CASES, rollouts, *ranks):
+        one = update_on_my_lanes(UPDATE_CASES[case], R)
+        assert one.keys() == two.keys() and any("router" in n and float(t.abs().max()) > 0 for n, t in two.items()
+                                                if n.endswith(".grad"))
+        for n in one:
+            assert torch.equal(two[n], other[n]), (case, n)  # the ranks stay identical
+            torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-5 * float(one[n].abs().max()) + 1e-7,
+                                       msg=f"{case}: {n}")
+
+
+def torchrun(*flags):
+    """pamoe.py under torchrun, 2 ranks on this machine (gloo; --standalone rendezvous on a free port)."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "pamoe.py", *flags], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run.stdout
+
+
+def test_two_ranks_train_evaluate_checkpoint_and_resume_with_torchrun(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    ckpt, flags = os.path.join(out, "checkpoint.pt"), SMALL + ["--eval_every", "2", "--eval_episodes", "6",
+                                                                "--router_init", "kmeans", "--out_dir", out]
+    printed = torchrun(*flags, "--iterations", "2")
+    assert printed.count("eval success") == 1 and printed.count("router initialised") == 1  # rank 0 alone prints
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [1, 2]  # one line per iteration: rank 0 alone writes
+    # statistics of all 4 training and 6 evaluation episodes, not of one rank's half: a toy episode takes >= 4 steps
+    assert all(m["env_steps"] == 4 * m["steps"] >= 16 for m in metrics)
+    eval_steps = sum(int(n) for n in re.findall(r"\(n=(\d+)\)", printed)) / 2  # usage tables: by task, by phase
+    assert eval_steps == 6 * metrics[-1]["eval/steps"] >= 24
+    state = torch.load(ckpt, weights_only=False)
+    assert state["world_size"] == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    torchrun(*flags, "--iterations", "3", "--resume", ckpt)
+    assert [m["iteration"] for m in read_metrics(out)] == [1, 2, 3]
+    with pytest.raises(SystemExit, match="written by 2 processes and this run has 1: resume with as many"):
+        pamoe.main(flags + ["--iterations", "4", "--resume", ckpt])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit, match="--num_envs 4 and --eval_episodes 64: too few for 8 processes; use >= 8"):
+        pamoe.parse_args(SMALL)
