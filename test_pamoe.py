@@ -573,7 +573,7 @@ def test_a_game_dying_mid_rollout_ends_its_episode_and_the_update_still_runs(min
 
 def test_alfworld_prompt_holds_task_history_and_actions_within_the_limit(mini):
     agent = make_agent("--env", "alfworld", "--alfworld_data", mini, "--action_format", "tagged",
-                       "--max_new_tokens", "16")
+                       "--max_new_tokens", "16", "--history", "2")
     batch = envs.make_env_batch("alfworld", 1, 50, "train", mini)
     try:
         (obs, info), = batch.reset([4])
