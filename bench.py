@@ -429,7 +429,7 @@ RESERVED = ("--routing", "--seed", "--iterations", "--eval_every", "--eval_episo
 def run_args(name, seed, out, opts, passthrough):
     """pamoe.py's arguments of one ablation run (without --resume)."""
     return [*passthrough, *ABLATION[name], "--seed", str(seed), "--iterations", str(opts.iterations),
-            "--eval_every", str(opts.iterations), "--eval_episodes", str(opts.eval_episodes), "--out_dir", out]
+            "--eval_every", str(opts.eval_every), "--eval_episodes", str(opts.eval_episodes), "--out_dir", out]
 
 
 def final_metrics(out_dir, args):
@@ -453,9 +453,9 @@ def run_ablation(opts, passthrough, command):
     if unknown:
         raise SystemExit(f"bench.py: error: unknown --routings {unknown}; use {','.join(ABLATION)}")
     clash = [f for f in passthrough if f.split("=")[0] in RESERVED]
-    if clash or opts.iterations < 1:
+    if clash or opts.iterations < 1 or opts.eval_every < 1:
         raise SystemExit(f"bench.py: error: the ablation sets {', '.join(RESERVED)} itself (got {clash}); use "
-                         "--routings, --seeds, --iterations >= 1 and --eval_episodes of bench.py instead")
+                         "--routings, --seeds, --iterations >= 1, --eval_every >= 1 and --eval_episodes of bench.py")
     seeds = [int(s) for s in opts.seeds.split(",")]
     pamoe.parse_args(passthrough + ["--iterations", str(opts.iterations)])  # bad pamoe flags stop here, not 15x
     jobs = [(n, s, os.path.join(opts.out_dir, f"{n}-seed{s}")) for n in names for s in seeds]
@@ -581,8 +581,9 @@ def main(argv=None):
         return bench(opts)
     parser.add_argument("--routings", default=",".join(ABLATION), help="comma list of " + ",".join(ABLATION))
     parser.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
-    parser.add_argument("--iterations", type=int, default=16, help="iterations per run (the fixed budget)")
-    parser.add_argument("--eval_episodes", type=int, default=128, help="final evaluation episodes")
+    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (the demo's budget)")
+    parser.add_argument("--eval_every", type=int, default=10, help="evaluate every N iterations, as the demo does")
+    parser.add_argument("--eval_episodes", type=int, default=64, help="evaluation episodes (the demo's)")
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")
     parser.add_argument("--out_dir", default="runs/ablation", help="one folder per run + ablation.md")
     opts, passthrough = parser.parse_known_args(rest)

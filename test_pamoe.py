@@ -222,6 +222,52 @@ def test_switch_penalty_tau_annealing_and_balance():
     assert pamoe.balance_loss(soft, torch.tensor([0, 1, 2, 3]), "switch") == pytest.approx(1)  # uniform: 1
 
 
+def test_nmi_against_hand_computed_values():
+    phases = ["find", "find", "take", "take", "place"]
+    assert pamoe.nmi([0] * 5, phases) == 0  # one expert carries no information about the phase
+    assert pamoe.nmi([2, 2, 0, 0, 1], phases) == pytest.approx(1)  # a one-to-one map, whatever the names
+    a, b = [0, 0, 1, 1], ["x", "y", "y", "y"]
+    mi = 0.25 * math.log(2) + 0.25 * math.log(2 / 3) + 0.5 * math.log(4 / 3)
+    h_a, h_b = math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert pamoe.nmi(a, b) == pytest.approx(mi / ((h_a + h_b) / 2))
+    assert pamoe.nmi(a, b) == pytest.approx(pamoe.nmi(b, a))
+
+
+def test_kmeans_router_init_gives_k_clusters_that_the_router_reproduces():
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.cat([torch.randn(30, 8, generator=g) * 0.1 + 5 * torch.eye(8)[i] for i in range(4)])
+    ids = pamoe.kmeans(blobs, 4, seed=1)
+    assert pamoe.nmi(ids.tolist(), [i // 30 for i in range(120)]) == pytest.approx(1)  # the four blobs
+    with pytest.raises(ValueError, match="distinct"):
+        pamoe.kmeans(torch.zeros(10, 3), 2, seed=0)
+    agent = make_agent("--router_init", "kmeans", "--router_init_steps", "200", "--num_envs", "8")
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0, 1.0, greedy_router=False)
+    steps = torch.tensor(R["window"])[:, -1]
+    assert (torch.bincount(pamoe.kmeans(R["table"][steps], 4, seed=1), minlength=4) > 0).all()  # K non-empty
+    fit = pamoe.init_router_kmeans(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0)
+    assert fit >= 0.8  # the fitted router sends most steps to their own cluster
+
+
+def test_bias_balancing_moves_against_overused_experts_and_never_enters_the_loss():
+    agent = make_agent("--balance", "bias", "--bias_rate", "0.1", "--minibatch", "1000")
+    with torch.no_grad():
+        agent.router.head[-1].bias.copy_(torch.tensor([6.0, 0.0, 0.0, 0.0]))  # the router prefers expert A
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
+    B = pamoe.prepare_batch(agent, R)
+    start = {n: p.clone() for n, p in agent.named_parameters() if p.requires_grad}
+    after = []
+    for bias in (torch.zeros(4), torch.tensor([-3.0, 1.0, 1.0, 1.0])):  # the same update from two choice biases
+        agent.load_state_dict(start, strict=False)
+        agent.router_bias.copy_(bias)
+        torch.manual_seed(0)
+        pamoe.ppo_update(agent, torch.optim.SGD(agent.param_groups(), lr=0.1), R, B, {"updates": 0})
+        after.append({n: p.clone() for n, p in agent.router.named_parameters()})
+        moved = agent.router_bias - bias
+        assert moved[0] < 0 and (moved[1:] > 0).all()  # A is over-used: its bias goes down, the others' up
+    for n in after[0]:  # the bias chooses experts in rollouts; the losses never see it
+        assert torch.equal(after[0][n], after[1][n]), n
+
+
 # --- toy env, prompt and projection -----------------------------------------------------------------------
 def test_scripted_solver_wins_every_task_type():
     env, seen = envs.ToyEnv(), set()
