@@ -44,7 +44,7 @@ import pamoe
 # Qwen2 shapes: hidden, intermediate, layers, heads, kv heads, vocab; fwd+bwd batch: sequences x tokens
 SIZES = {"tiny": dict(batch=(8, 256)),  # pamoe.build_tiny, the CI and CPU-demo model
          "mid": dict(shape=(512, 1408, 8, 8, 2, 32000), batch=(8, 256)),
-         "qwen2.5-1.5b": dict(shape=(1536, 8960, 28, 12, 2, 151936), batch=(16, 1024))}
+         "qwen2.5-1.5b": dict(shape=(1536, 8960, 28, 12, 2, 151936), batch=(4, 1024))}
 
 
 def build(size, device, dtype):
