@@ -8,6 +8,8 @@ Run:
     python bench.py ablation --num_envs 16   # flags bench.py does not know go to every pamoe.py run
     python bench.py memory          # activation bytes per token of one PPO micro-batch on Qwen2.5-1.5B's shape
                                     # (CPU, random bf16 weights), with and without --grad_ckpt; the GPU table
+    python bench.py probe [--checkpoint runs/pamoe/checkpoint.pt]   # can the router's input tell the hidden
+                                    # phases (and task types) apart? linear probes on its frozen step features
 
 Timing rows (medians over --repeats after --warmup, all measured in the same run):
 - fwd+bwd of a fixed batch (next-token loss on random token ids) through: the frozen base (its backward reaches the
@@ -548,13 +550,70 @@ def ablation_table(results, names, seeds):
     return "\n".join(out)
 
 
+def probe(opts, passthrough):
+    """Linear probes on the phase router's input: how well the hidden phase and the task type of a step can be read
+    off its frozen features, [observation ; previous action] alone and with the goal's mean token state. Steps of
+    --rollouts toy rollouts (32 episodes each) of the demo's agent (untrained, or --checkpoint's experts and
+    router; other flags go to pamoe.py's Args); a multinomial logistic regression fitted on 70% of the steps, scored
+    on the rest."""
+    agent = pamoe.Agent(pamoe.parse_args(["--seed", str(opts.seed), *passthrough]), torch.device("cpu"))
+    if opts.checkpoint:
+        agent.load_state_dict(torch.load(opts.checkpoint, map_location="cpu", weights_only=False)["trainable"],
+                              strict=False)
+    env_batch = envs.make_env_batch("toy", 32, agent.args.max_steps, "train", None)
+    feats, labels = {"obs": [], "obs+goal": []}, {"phase": [], "task": []}
+    with torch.no_grad(), contextlib.closing(env_batch):
+        for r in range(opts.rollouts):
+            S = pamoe.rollout(agent, env_batch, [10 ** 6 + 32 * r + n for n in range(32)], agent.args.tau_start,
+                              agent.args.temperature, greedy_router=False)
+            goal = pamoe.mean_pool(S["goal_states"], S["goal_mask"])  # (lanes, d)
+            rows = S["table"][torch.tensor([w[-1] for w in S["window"]])]  # (steps, 2d) the step's own features
+            feats["obs"].append(rows)
+            feats["obs+goal"].append(torch.cat([rows, goal[torch.tensor(S["lane"])]], -1))
+            labels["phase"] += S["phase"]
+            labels["task"] += S["task_type"]
+    result = {}
+    for target, y_names in labels.items():
+        classes = sorted(set(y_names))
+        y = torch.tensor([classes.index(v) for v in y_names])
+        split = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        train, test = split[:int(0.7 * len(y))], split[int(0.7 * len(y)):]
+        for name, x in feats.items():
+            x = torch.cat(x)
+            x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-5)
+            w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+            b = torch.zeros(len(classes), requires_grad=True)
+            opt = torch.optim.Adam([w, b], lr=1e-2)
+            for _ in range(500):
+                opt.zero_grad()
+                (F.cross_entropy(x[train] @ w + b, y[train]) + 1e-3 * w.pow(2).sum()).backward()
+                opt.step()
+            pred, yt = (x[test] @ w + b).argmax(-1), y[test]
+            recall = [float((pred[yt == c] == c).float().mean()) for c in range(len(classes)) if (yt == c).any()]
+            result[f"{target} <- {name}"] = dict(accuracy=float((pred == yt).float().mean()),
+                                                 majority=max(float((yt == c).float().mean()) for c in yt.unique()),
+                                                 balanced=float(np.mean(recall)), chance=1 / len(classes))
+    print(f"linear probes on {len(labels['phase'])} steps ({opts.checkpoint or 'untrained agent'}), held-out 30%:")
+    for k, v in result.items():
+        print(f"  {k:<17} accuracy {v['accuracy']:.2f} (majority class {v['majority']:.2f}), balanced accuracy "
+              f"{v['balanced']:.2f} (chance {v['chance']:.2f})")
+    return result
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    what = argv[0] if argv[:1] in (["bench"], ["ablation"], ["memory"]) else "bench"
+    what = argv[0] if argv[:1] in (["bench"], ["ablation"], ["memory"], ["probe"]) else "bench"
     rest = argv[1:] if argv[:1] == [what] else argv
     parser = argparse.ArgumentParser(prog=f"bench.py {what}", allow_abbrev=False, description={
         "bench": "PA-MoE cost benchmark", "memory": "PA-MoE's memory model on Qwen2.5-1.5B's shape (CPU) -> GPU table",
-        "ablation": "PA-MoE routing ablation; flags not listed here go to every pamoe.py run"}[what])
+        "ablation": "PA-MoE routing ablation; flags not listed here go to every pamoe.py run",
+        "probe": "linear probes: hidden phase and task type from the phase router's input features; flags not "
+                 "listed here go to pamoe.py (the checkpoint's run's model flags)"}[what])
+    if what == "probe":
+        parser.add_argument("--checkpoint", default="", help="a demo run's checkpoint.pt (default: untrained)")
+        parser.add_argument("--seed", type=int, default=1, help="--seed of the agent (as the checkpoint's run)")
+        parser.add_argument("--rollouts", type=int, default=4, help="rollouts of 32 toy episodes")
+        return probe(*parser.parse_known_args(rest))
     if what == "memory":
         parser.add_argument("--layers", default="2,4", help="decoder layer counts measured (the fit is per layer)")
         parser.add_argument("--lengths", default="512,1024", help="sequence lengths measured (linearity check)")

@@ -674,6 +674,16 @@ def test_bench_runs_and_reports_every_row(tmp_path, capsys):
         bench.main(["ablation", "--seed", "3"])
 
 
+def test_probe_reads_the_task_only_through_the_goal_and_the_phase_from_the_step():
+    """bench.py probe: the router's input names the task type through the goal's features alone (a probe that cannot
+    read the goal it is given is broken), and the hidden phase is readable from the step features well above
+    chance, on held-out steps."""
+    import bench
+    r = bench.main(["probe", "--rollouts", "1", "--tiny_format_steps", "40", "--max_steps", "10"])
+    assert r["task <- obs+goal"]["accuracy"] >= 0.95 and r["task <- obs"]["accuracy"] < 0.8
+    assert r["phase <- obs+goal"]["balanced"] >= r["phase <- obs+goal"]["chance"] + 0.3
+
+
 # --- memory controls, preflight, responses that stop at the action, the HF path on CPU ------------------------------
 def minibatch_grads(agent, R, B, micro_batch):
     """Gradients of every trainable tensor after one PPO minibatch over the whole rollout (learning rates 0: nothing
