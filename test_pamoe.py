@@ -233,41 +233,6 @@ def test_nmi_against_hand_computed_values():
     assert pamoe.nmi(a, b) == pytest.approx(pamoe.nmi(b, a))
 
 
-def test_kmeans_router_init_gives_k_clusters_that_the_router_reproduces():
-    g = torch.Generator().manual_seed(0)
-    blobs = torch.cat([torch.randn(30, 8, generator=g) * 0.1 + 5 * torch.eye(8)[i] for i in range(4)])
-    ids = pamoe.kmeans(blobs, 4, seed=1)
-    assert pamoe.nmi(ids.tolist(), [i // 30 for i in range(120)]) == pytest.approx(1)  # the four blobs
-    with pytest.raises(ValueError, match="distinct"):
-        pamoe.kmeans(torch.zeros(10, 3), 2, seed=0)
-    agent = make_agent("--router_init", "kmeans", "--router_init_steps", "200", "--num_envs", "8")
-    R = pamoe.rollout(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0, 1.0, greedy_router=False)
-    steps = torch.tensor(R["window"])[:, -1]
-    assert (torch.bincount(pamoe.kmeans(R["table"][steps], 4, seed=1), minlength=4) > 0).all()  # K non-empty
-    fit = pamoe.init_router_kmeans(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0)
-    assert fit >= 0.8  # the fitted router sends most steps to their own cluster
-
-
-def test_bias_balancing_moves_against_overused_experts_and_never_enters_the_loss():
-    agent = make_agent("--balance", "bias", "--bias_rate", "0.1", "--minibatch", "1000")
-    with torch.no_grad():
-        agent.router.head[-1].bias.copy_(torch.tensor([6.0, 0.0, 0.0, 0.0]))  # the router prefers expert A
-    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
-    B = pamoe.prepare_batch(agent, R)
-    start = {n: p.clone() for n, p in agent.named_parameters() if p.requires_grad}
-    after = []
-    for bias in (torch.zeros(4), torch.tensor([-3.0, 1.0, 1.0, 1.0])):  # the same update from two choice biases
-        agent.load_state_dict(start, strict=False)
-        agent.router_bias.copy_(bias)
-        torch.manual_seed(0)
-        pamoe.ppo_update(agent, torch.optim.SGD(agent.param_groups(), lr=0.1), R, B, {"updates": 0})
-        after.append({n: p.clone() for n, p in agent.router.named_parameters()})
-        moved = agent.router_bias - bias
-        assert moved[0] < 0 and (moved[1:] > 0).all()  # A is over-used: its bias goes down, the others' up
-    for n in after[0]:  # the bias chooses experts in rollouts; the losses never see it
-        assert torch.equal(after[0][n], after[1][n]), n
-
-
 # --- toy env, prompt and projection -----------------------------------------------------------------------
 def test_scripted_solver_wins_every_task_type():
     env, seen = envs.ToyEnv(), set()
@@ -350,8 +315,8 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("router_hidden", ["--router_hidden", "1000000"]), ("router_layers", ["--router_layers", "0"]),
     ("tau_start", ["--tau_start", "0"]), ("tau_end", ["--tau_end", "-0.5"]), ("tau_steps", ["--tau_steps", "0"]),
     ("switch_coef", ["--switch_coef", "-0.05"]), ("balance", ["--balance", "none"]),
-    ("balance_coef", ["--balance_coef", "nan"]), ("bias_rate", ["--bias_rate", "-1"]),
-    ("router_init", ["--router_init", "random"]), ("router_init_steps", ["--router_init_steps", "-1"]),
+    ("balance_coef", ["--balance_coef", "nan"]),
+
     ("gamma", ["--gamma", "1.5"]), ("gae_lambda", ["--gae_lambda", "-0.1"]), ("clip", ["--clip", "-0.2"]),
     ("clip", ["--clip", "abc"]), ("clip", ["--clip", "nan"]), ("kl_coef", ["--kl_coef", "-1"]),
     ("ent_coef", ["--ent_coef", "inf"]), ("vf_coef", ["--vf_coef", "-0.5"]), ("epochs", ["--epochs", "0"]),
@@ -871,14 +836,13 @@ def take_lanes(R, lanes):
                 final_window={n - lanes.start: w for n, w in R["final_window"].items() if n in lanes})
 
 
-UPDATE_CASES = {"phase": ["--routing", "phase"], "phase, pg, switch balance, micro-batches": [
-    "--routing", "phase", "--router_grad", "pg", "--balance", "switch", "--micro_batch", "5"],
-    "phase, bias balance": ["--routing", "phase", "--balance", "bias"], "token": ["--routing", "token"],
-    "token, switch balance, micro-batches": ["--routing", "token", "--balance", "switch", "--micro_batch", "5"]}
+UPDATE_CASES = {"phase": ["--routing", "phase"], "phase, pg, sq balance, micro-batches": [
+    "--routing", "phase", "--router_grad", "pg", "--balance", "sq", "--micro_batch", "5"], "token": ["--routing", "token"],
+    "token, sq balance, micro-batches": ["--routing", "token", "--balance", "sq", "--micro_batch", "5"]}
 
 
 def update_on_my_lanes(flags, R):
-    """This rank's experts, router, critic, router bias and gradients after one PPO update (one minibatch, one
+    """This rank's experts, router, critic and gradients after one PPO update (one minibatch, one
     epoch, no clipping) on its share of the rollout R of 4 lanes. The step is SGD at learning rate 1, so that the
     parameters move by the gradient itself (Adam's first step, about lr * sign(g), would blow float noise up to a
     full step where the true gradient is 0, as for the attention's key bias)."""
@@ -911,8 +875,8 @@ def update_rank(rank, port, folder):
 def test_two_ranks_update_on_halves_of_a_rollout_as_one_process_on_all_of_it(tmp_path):
     """Data parallel PPO is exact: one rollout of 4 lanes, split 2 + 2 across 2 ranks (gloo), gives after one update the
     same experts, router, critic and gradients as one process on the whole rollout: advantages whitened, token means,
-    value and switch means, load balance (a nonlinear function of the batch's mean router probabilities) and the
-    bias balance's load, all over both ranks' steps. A nan on one rank stops both."""
+    value and switch means, load balance (a nonlinear function of the batch's mean router probabilities and of the
+    choices), all over both ranks' steps. A nan on one rank stops both."""
     rollouts = []
     for flags in UPDATE_CASES.values():
         agent = make_agent(*flags)
@@ -947,9 +911,9 @@ def torchrun(*flags):
 def test_two_ranks_train_evaluate_checkpoint_and_resume_with_torchrun(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     ckpt, flags = os.path.join(out, "checkpoint.pt"), SMALL + ["--eval_every", "2", "--eval_episodes", "6",
-                                                                "--router_init", "kmeans", "--out_dir", out]
+                                                                "--out_dir", out]
     printed = torchrun(*flags, "--iterations", "2")
-    assert printed.count("eval success") == 1 and printed.count("router initialised") == 1  # rank 0 alone prints
+    assert printed.count("eval success") == 1  # rank 0 alone prints
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics] == [1, 2]  # one line per iteration: rank 0 alone writes
     # statistics of all 4 training and 6 evaluation episodes, not of one rank's half: a toy episode takes >= 4 steps
