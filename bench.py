@@ -572,6 +572,7 @@ def probe(opts, passthrough):
             feats["obs+goal"].append(torch.cat([rows, goal[torch.tensor(S["lane"])]], -1))
             labels["phase"] += S["phase"]
             labels["task"] += S["task_type"]
+    feats = {name: torch.cat(x) for name, x in feats.items()}  # (steps, 2d) and (steps, 3d)
     result = {}
     for target, y_names in labels.items():
         classes = sorted(set(y_names))
@@ -579,7 +580,6 @@ def probe(opts, passthrough):
         split = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         train, test = split[:int(0.7 * len(y))], split[int(0.7 * len(y)):]
         for name, x in feats.items():
-            x = torch.cat(x)
             x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-5)
             w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
             b = torch.zeros(len(classes), requires_grad=True)

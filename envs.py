@@ -36,6 +36,7 @@ OBJECTS = ["apple", "mug", "tomato", "potato"]
 # task type -> (appliance, verb, adjective in the goal); pick needs no transform
 TRANSFORMS = {"clean": ("sinkbasin 1", "clean", "clean"), "heat": ("microwave 1", "heat", "hot"),
               "cool": ("fridge 1", "cool", "cool")}
+APPLIANCE_VERB = {appliance: verb for appliance, verb, _ in TRANSFORMS.values()}
 TASK_TYPES = ["pick", "clean", "heat", "cool"]
 TASK_MIX = [0.4, 0.2, 0.2, 0.2]  # pick stays the most frequent and the easiest
 PHASES = ["find", "take", "transform", "carry", "place"]
@@ -75,10 +76,9 @@ class ToyEnv:
         if self.at is not None and self.holding is None:
             cmds += [f"take {o} from {self.at}" for o in self.contents[self.at]]
         if self.at is not None and self.holding is not None:
-            appliance = {a: verb for a, verb, _ in TRANSFORMS.values()}
             # at an appliance the held object can only be transformed (ALFWorld would also let it be put inside:
             # a dead end that only slows exploration here)
-            cmds.append(f"{appliance[self.at]} {self.holding} with {self.at}" if self.at in appliance
+            cmds.append(f"{APPLIANCE_VERB[self.at]} {self.holding} with {self.at}" if self.at in APPLIANCE_VERB
                         else f"move {self.holding} to {self.at}")
         return cmds
 

@@ -316,7 +316,6 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("tau_start", ["--tau_start", "0"]), ("tau_end", ["--tau_end", "-0.5"]), ("tau_steps", ["--tau_steps", "0"]),
     ("switch_coef", ["--switch_coef", "-0.05"]), ("balance", ["--balance", "none"]),
     ("balance_coef", ["--balance_coef", "nan"]),
-
     ("gamma", ["--gamma", "1.5"]), ("gae_lambda", ["--gae_lambda", "-0.1"]), ("clip", ["--clip", "-0.2"]),
     ("clip", ["--clip", "abc"]), ("clip", ["--clip", "nan"]), ("kl_coef", ["--kl_coef", "-1"]),
     ("ent_coef", ["--ent_coef", "inf"]), ("vf_coef", ["--vf_coef", "-0.5"]), ("epochs", ["--epochs", "0"]),
@@ -630,7 +629,8 @@ def test_bench_runs_and_reports_every_row(tmp_path, capsys):
                          "--out", out])
     whats = [r["what"] for r in report["rows"]]
     for needle in ("frozen base", "one LoRA", "routed experts, one stacked pass", "masked full passes",
-                   "generate: base", "generate: 4 routed", "experts off", "rollout: phase router + 4", "PPO update", "reference log-probs", "router + critic"):
+                   "generate: base", "generate: 4 routed", "experts off", "rollout: phase router + 4", "PPO update",
+                   "reference log-probs", "router + critic"):
         assert sum(needle in w for w in whats) == 1, needle
     assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in report["rows"] if r["size"] == "tiny")
     assert json.load(open(out))["rows"] == report["rows"]
