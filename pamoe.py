@@ -22,14 +22,20 @@ Where this departs from the paper (and why):
 - RL algorithm: PPO with a turn-level critic and GAE (the project's brief), not GiGPO as in the paper's code. The
   critic is a second, separately trained copy of the router's encoder with a scalar head.
 - How the router learns "from the RL objective" is not pinned down by the paper, and its released code never
-  calls the router. Default `--router_grad st` (straight-through): the forward pass uses the one-hot expert
-  choice, the backward pass flows through p (gates = onehot + p - stopgrad(p)); with B zero-initialised this
-  gradient starts at exactly 0. `--router_grad pg`: log p_t(k_t) joins every token's PPO log-ratio of that step.
-  Without help the router collapses onto one expert within a few iterations (README, "The phase router").
+  calls the router. Here it learns straight-through: the forward pass uses the one-hot expert choice, the backward
+  pass flows through p (gates = onehot + p - stopgrad(p)); with B zero-initialised this gradient starts at exactly
+  0. (A policy-gradient reading, log p_t(k_t) in the PPO ratio, was measured and removed: README.)
+- Behaviour information (not in the paper): the router also maximises lambda_i * I(k; v), the mutual information
+  between its expert choice k and the verb v of the action taken at the step (the command's first word), over the
+  rollout: information maximisation as in discriminative clustering (Krause et al. 2010; IIC, Ji et al. 2019).
+  With the paper's terms alone (switch penalty, balance) the router collapses onto one expert within a few
+  iterations in every seed, and no balance loss, loss-free bias, k-means init or balance within episodes made it
+  route by phase; with lambda_i = 10 the experts follow what the agent does (find, take, carry, place) in each of 3
+  seeds (README, "The phase router"). The paper says the router learns without phase labels; its released code
+  pre-trains it on heuristic ones. The verb is no label: which verbs share an expert is learnt.
 - Load balance: the Switch Transformer's K sum_k f_k P_k with lambda_b = 0.01 by default, not the paper's
   sum_k (P_k - 1/K)^2 with 0.001 (`--balance sq`): on the demo over 3 seeds it gave 0.58 +- 0.23 success against
-  0.45 +- 0.11. Neither keeps the router from collapsing; nor did DeepSeek-V3's loss-free bias (random routing,
-  0.15 success) or a router fitted to k-means clusters of step features (both measured, then removed; README).
+  0.45 +- 0.11 without the behaviour information (README).
 - Router input: [observation ; goal context (observation attends the goal tokens) ; LSTM state], 2d+256 wide,
   not d+256; the LSTM reads [observation ; previous action] features of the last L steps, zeros before the
   episode. Frozen features are layer-normalised (no parameters).
@@ -122,7 +128,6 @@ class Args:
     dense_rank: int = arg(0, "rank of the single expert with --routing dense (0 = --rank; K*rank matches size)")
     targets: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated names of the linear layers given experts")
     # router
-    router_grad: str = arg("st", "how the phase router learns: st (straight-through) | pg (policy gradient)")
     router_window: int = arg(5, "L: past steps read by the router's recurrent encoder")
     router_hidden: int = arg(256, "LSTM units of the router (and critic) encoder")
     router_layers: int = arg(3, "LSTM layers")
@@ -132,6 +137,8 @@ class Args:
     switch_coef: float = arg(0.05, "lambda_s: temporal-consistency (soft switch) penalty")
     balance: str = arg("switch", "load balance loss: switch (Switch Transformer; measured best, README) | sq (paper)")
     balance_coef: float = arg(0.01, "lambda_b: weight of the balance loss (switch: the usual 1e-2; paper's sq: 1e-3)")
+    info_coef: float = arg(10.0, "lambda_i: weight of I(expert; action verb), maximised (0: the paper's objective, "
+                                 "which collapses onto one expert; README)")
     # PPO
     gamma: float = arg(0.95, "discount per environment step")
     gae_lambda: float = arg(0.95, "GAE lambda")
@@ -206,14 +213,14 @@ RANGES = {
     "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "ckpt_every": "[1, inf)", "num_experts": "[1, 16]",
     "rank": "[1, 1024]", "alpha": "(0, inf)", "dense_rank": "[0, 16384]", "router_window": "[1, 1000]",
     "router_hidden": "[1, 4096]", "router_layers": "[1, 16]", "tau_start": "(0, inf)", "tau_end": "(0, inf)",
-    "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)",
+    "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)", "info_coef": "[0, inf)",
     "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "clip": "(0, 1)",
     "kl_coef": "[0, inf)", "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "epochs": "[1, 100]",
     "minibatch": "[1, 4096]", "max_grad_norm": "(0, inf)", "lr_experts": "[0, 1]", "lr_router": "[0, 1]",
     "lr_critic": "[0, 1]", "weight_decay": "[0, 1]", "micro_batch": "[0, 4096]"}
 CHOICES = {"env": envs.ENVS, "eval_split": ("eval_in_distribution", "eval_out_of_distribution"),
            "device": ("auto", "cpu", "cuda"), "action_format": tuple(envs.ANSWER),
-           "routing": ("phase", "token", "trajectory", "dense"), "router_grad": ("st", "pg"),
+           "routing": ("phase", "token", "trajectory", "dense"),
            "balance": ("switch", "sq"),
            "dtype": ("auto", "float32", "bfloat16")}
 
@@ -504,11 +511,11 @@ def router_probs(router, window, goal, goal_mask, tau):
     return F.softmax(router(window, goal, goal_mask).float() / tau, dim=-1)
 
 
-def step_gates(probs, k, straight_through):
-    """Hard top-1 gates (B, 1, K) for chosen experts k (B,). Straight-through: the forward value is the one-hot
+def step_gates(probs, k):
+    """Hard top-1 gates (B, 1, K) for chosen experts k (B,), straight-through: the forward value is the one-hot
     choice, the backward pass flows through p (onehot + p - stopgrad(p))."""
     onehot = F.one_hot(k, probs.shape[-1]).to(probs.dtype)
-    return (onehot + (probs - probs.detach()) if straight_through else onehot)[:, None]  # value exactly one-hot
+    return (onehot + (probs - probs.detach()))[:, None]  # value exactly one-hot
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -585,6 +592,17 @@ def balance_loss(p, k, mode):
     if mode == "sq":
         return ((P - 1 / K) ** 2).sum()
     return K * (torch.bincount(k, minlength=K).to(p.dtype) / len(k) * P).sum()
+
+
+def group_logratio(p, groups):
+    """log(P_g / P) (N, K) for each item: P_g the mean router probabilities of the items of its group (groups (N,)
+    integer ids), P the mean over all items. sum_k p_k log(P_g,k / P_k), averaged over items, is the mutual
+    information I(k; g) of the soft expert choice and the group; held fixed, these log-ratios give the surrogate
+    mean_n sum_k p_n,k log(P_g(n),k / P_k) whose gradient is exactly that of I (the dependence through P_g and P
+    adds a constant to every component of dI/dp, which the softmax cancels)."""
+    P_g = torch.zeros(int(groups.max()) + 1, p.shape[1], dtype=p.dtype, device=p.device).index_add_(0, groups, p)
+    P_g = P_g / torch.bincount(groups).clamp(min=1)[:, None]  # (G, K)
+    return P_g[groups].clamp(min=1e-12).log() - p.mean(0).clamp(min=1e-12).log()  # (N, K)
 
 
 def balance_share(p, P, k, mode, n):
@@ -719,7 +737,7 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
     lane_rows = [[] for _ in range(N)]
     history, last_action, done = [[] for _ in range(N)], [""] * N, [False] * N
     episode_k = torch.zeros(N, dtype=torch.long, device=dev)
-    episode_logp = torch.zeros(N, device=dev)
+    episode_p = torch.ones(N, K, device=dev) / K  # the router's probabilities of each lane's current step
     R = defaultdict(list)
     stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with its action
     gen_cfg = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=a.max_new_tokens,
@@ -748,8 +766,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
         if agent.router is not None and (a.routing == "phase" or t == 0):  # trajectory: decide at step 0 only
             p = router_probs(agent.router, torch.stack(rows)[win], goal_states[lane_idx], goal_mask[lane_idx], tau)
             k = p.argmax(-1) if greedy_router else torch.multinomial(p, 1)[:, 0]
-            episode_k[lane_idx], episode_logp[lane_idx] = k, p.gather(1, k[:, None])[:, 0].log()
-        k, router_logp = episode_k[lane_idx], episode_logp[lane_idx]  # dense: expert 0, log-prob 0
+            episode_k[lane_idx], episode_p[lane_idx] = k, p
+        k = episode_k[lane_idx]  # dense: expert 0
         prompts = [agent.fit_prompt(infos[n], obs[n], history[n], t) for n in lanes]
         enc = tok(prompts, padding=True, padding_side="left", truncation=True, max_length=a.max_prompt_tokens,
                   return_tensors="pt", add_special_tokens=False).to(dev)
@@ -770,7 +788,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             prompt_ids = enc.input_ids[i][enc.attention_mask[i].bool()].cpu()
             for key, val in (("seq", torch.cat([prompt_ids, resp])), ("prompt_len", len(prompt_ids)),
                              ("resp_len", len(resp)), ("lane", n), ("t", t), ("k", int(k[i])),
-                             ("router_logp", float(router_logp[i])), ("window", win[i].tolist()),
+                             ("router_p", episode_p[n].tolist()), ("window", win[i].tolist()),
+                             ("verb", cmd.split()[0] if valid else ""),
                              ("phase", env_batch.step_phase(infos[n], cmd if valid else None)),
                              ("task_type", infos[n]["task_type"])):
                 R[key].append(val)
@@ -855,9 +874,17 @@ def prepare_batch(agent, R):
     adv = whiten(adv, valid)
     pos = {(n, t): i for i, (n, t) in enumerate(zip(R["lane"], R["t"]))}
     B = {"adv": adv[lanes, steps], "ret": ret[lanes, steps], "values": values, "windows": windows, "lanes": lanes,
-         "k": torch.tensor(R["k"], device=dev), "router_logp": torch.tensor(R["router_logp"], device=dev),
+         "k": torch.tensor(R["k"], device=dev),
          # the sample of step t+1 of the same episode (for the switch penalty), -1 if none
          "next": torch.tensor([pos.get((n, t + 1), -1) for n, t in zip(R["lane"], R["t"])], device=dev)}
+    # I(expert; verb) over the rollout of all ranks: each step's verb (first word of its action, "" if invalid) and
+    # the router probabilities it was routed with
+    parts = all_gather((R["verb"], R["router_p"]))
+    vocab = {v: i for i, v in enumerate(sorted({v for verbs, _ in parts for v in verbs}))}
+    groups = torch.tensor([vocab[v] for verbs, _ in parts for v in verbs], device=dev)
+    logratio = group_logratio(torch.tensor(sum((p for _, p in parts), []), device=dev), groups)  # (all steps, K)
+    start = sum(len(verbs) for verbs, _ in parts[:rank_world()[0]])
+    B["verb_logratio"] = logratio[start:start + len(R["verb"])]  # (S, K) this rank's steps
     # the trajectory router decides once, from the window of the episode's first step
     first = torch.tensor([pos[(n, 0)] for n in R["lane"]], device=dev)
     B["router_windows"] = windows[first] if a.routing == "trajectory" else windows
@@ -901,8 +928,7 @@ def ppo_update(agent, opt, R, B, tau_state):
             seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
             mb, n, tokens = mb.to(dev), all_sum(len(mb)), all_sum(sum(rl))  # steps and response tokens of all ranks
             lanes, k = B["lanes"][mb], B["k"][mb]
-            router_logratio, aux_terms = torch.zeros(len(mb), device=dev), {}
-            gates = step_gates_for(agent, mb, B["k"])
+            aux_terms, gates = {}, step_gates_for(agent, mb, B["k"])
             if agent.router is not None:
                 tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
                 nxt = B["next"][mb]
@@ -910,21 +936,23 @@ def ppo_update(agent, opt, R, B, tau_state):
                 gl = torch.cat([lanes, lanes])
                 p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl],
                                          tau).chunk(2)  # (B, K) each
-                gates = step_gates(p, k, a.router_grad == "st")
-                if a.router_grad == "pg":  # the expert choice is part of the action: log p_t(k_t) joins the ratio
-                    router_logratio = p.gather(1, k[:, None])[:, 0].log() - B["router_logp"][mb]
+                gates = step_gates(p, k)
                 pairs = (nxt >= 0).sum()
                 sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
                 balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
                 aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
+                if a.routing == "phase":  # behaviour information I(k; verb), maximised; log-ratios from the rollout
+                    info = summed((p * B["verb_logratio"][mb]).sum() / n)
+                    aux_terms["info"] = -a.info_coef * info
+                    stats["verb_information"].append(float(info.detach()))
                 stats["switch_penalty"].append(float(sw.detach()))
                 stats["router_entropy"].append(all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
             # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's token means
-            # weighted by its share of the minibatch's response tokens. The router's gates and log-ratios enter them
-            # as leaves cut from the router's graph; their summed gradients go through the router once, at the end.
-            cut = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (gates, router_logratio)]
+            # weighted by its share of the minibatch's response tokens. The router's gates enter them as a leaf cut
+            # from the router's graph; its summed gradient goes through the router once, at the end.
+            cut = None if gates is None else gates.detach().requires_grad_(gates.requires_grad)
             parts, token_stats, mean = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None, defaultdict(float)
             n_tok, checked = all_sum(sum(map(len, seqs))), defaultdict(float)  # checked: loss terms summed over parts
             if a.routing == "token" and (len(parts) > 1 or dist.is_initialized()):  # balance over all its tokens
@@ -935,7 +963,7 @@ def ppo_update(agent, opt, R, B, tau_state):
             opt.zero_grad(set_to_none=True)
             for part in parts:
                 seqs_, pl_, rl_ = ([x[i] for i in part] for x in (seqs, pl, rl))
-                gates_ = None if cut[0] is None else cut[0][part]
+                gates_ = None if cut is None else cut[part]
                 logp, ent, mask = agent.response_logprobs(seqs_, pl_, rl_, a.temperature, gates_)
                 token_terms = {}
                 if a.routing == "token":  # every layer's balance of its token router: this micro-batch's share
@@ -946,9 +974,8 @@ def ppo_update(agent, opt, R, B, tau_state):
                 old = nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb[part]], batch_first=True)  # (b, R)
                 ref = nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb[part]], batch_first=True)
                 adv = B["adv"][mb[part]][:, None].expand_as(logp)  # the step's advantage on every one of its tokens
-                logp_k = logp + cut[1][part][:, None]  # --router_grad pg: log p_t(k_t) joins every token's ratio
-                pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp_k, old, adv, mask, a.clip)
-                ratio = torch.where(mask, logp_k - old, 0).exp().detach()
+                pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old, adv, mask, a.clip)
+                ratio = torch.where(mask, logp - old, 0).exp().detach()
                 kl = kl_k3(logp, ref, mask)
                 entropy = masked_mean(ent, mask)
                 for key, val in {"pg_loss": pg_loss, "kl": kl, "entropy": entropy, **token_terms}.items():
@@ -969,15 +996,15 @@ def ppo_update(agent, opt, R, B, tau_state):
                 term, router_params, retain_graph=True, allow_unused=True)]
                 for name, term in aux_terms.items() if diagnose and term.requires_grad}
             outs = [(a.vf_coef * v_loss + sum(aux_terms.values()), None)]  # critic and router terms, and the
-            outs += [(x, c.grad) for x, c in zip((gates, router_logratio), cut) if c is not None and c.grad is not None]
-            torch.autograd.backward(*zip(*outs))  # micro-batches' gradients of the gates and log-ratios
+            outs += [(gates, cut.grad)] if cut is not None and cut.grad is not None else []
+            torch.autograd.backward(*zip(*outs))  # micro-batches' gradients of the gates
             for q in agent.parameters():  # every rank's share summed: the whole minibatch's gradient on every rank
                 q.grad = None if q.grad is None else all_sum(q.grad)
             if diagnose:
                 task = [p_.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
                         for i, p_ in enumerate(router_params) if p_.grad is not None]
                 stats["router_grad/task"].append(grad_norm(task))
-                for name in ("switch", "balance"):
+                for name in ("switch", "balance", "info"):
                     stats[f"router_grad/{name}"].append(grad_norm(aux_grads.get(name, [])))
             check_finite({f"gradient norm of {g['name']}": nn.utils.clip_grad_norm_(g["params"], a.max_grad_norm)
                           for g in opt.param_groups})  # before the step: a nan never trains on
