@@ -7,7 +7,7 @@ temporal-consistency penalty keeps the router from switching without reason, so 
 behavioural phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
 
 Run:
-    bash run.sh                         # CPU: toy env + `tiny` model, ~4.5 min on 2 cores; CUDA: ALFWorld (README)
+    bash run.sh                         # CPU: toy env + `tiny` model, ~5 min on 2 cores; CUDA: ALFWorld (README)
     bash run.sh --preflight             # memory and time of the configured sizes, then exit
     python pamoe.py --env alfworld --alfworld_data DIR    # real ALFWorld (official games or the mini set)
     python pamoe.py --routing token     # the ablations: phase (default) | token | trajectory | dense
@@ -1116,7 +1116,7 @@ def load_checkpoint(path, agent, opt, tau_state):
         state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU tensors
     except Exception as e:  # whatever these bytes are, they are no checkpoint
         state = e
-    need(isinstance(state, dict) and {"trainable", "optimizer", "iteration", "args"} <= set(state),
+    need(isinstance(state, dict) and {"trainable", "optimizer", "iteration", "args", "rng", "world_size"} <= set(state),
          f"--resume {path}: not a PA-MoE checkpoint; point it at the checkpoint.pt in a run's --out_dir")
     a = dataclasses.asdict(agent.args)
     differ = [f"--{k} {state['args'].get(k)} (this run: {a[k]})" for k in MODEL_FLAGS if state["args"].get(k) != a[k]]
@@ -1124,7 +1124,7 @@ def load_checkpoint(path, agent, opt, tau_state):
     shapes = {n: t.shape for n, t in agent.trainable_state().items()}
     need(shapes == {n: t.shape for n, t in state["trainable"].items()}, f"--resume {path}: its tensors do not fit "
          f"this model although the flags match (another version of pamoe.py?); start a new run")
-    (rank, world), saved_world = rank_world(), state.get("world_size", 1)
+    (rank, world), saved_world = rank_world(), state["world_size"]
     need(saved_world == world, f"--resume {path} was written by {saved_world} processes and this run has {world}: "
          f"resume with as many (torchrun --nnodes x --nproc_per_node; plain python for 1)")
     need(state["iteration"] < agent.args.iterations, f"--resume {path} is at iteration {state['iteration']} already; "
@@ -1132,7 +1132,7 @@ def load_checkpoint(path, agent, opt, tau_state):
     agent.load_state_dict(state["trainable"], strict=False)
     opt.load_state_dict(state["optimizer"])
     tau_state["updates"] = state["tau_updates"]
-    set_rng_state(state["rng"][rank] if "world_size" in state else state["rng"])
+    set_rng_state(state["rng"][rank])
     return state["iteration"]
 
 

@@ -446,7 +446,7 @@ def test_a_checkpoint_that_does_not_fit_stops_with_the_fix(tmp_path, case, words
     ckpt = str(tmp_path / "checkpoint.pt")
     agent = make_agent()
     state = {"trainable": agent.trainable_state(), "optimizer": {}, "iteration": 5,
-             "args": dataclasses.asdict(agent.args)}
+             "args": dataclasses.asdict(agent.args), "rng": [pamoe.rng_state()], "world_size": 1}
     if case == "garbage bytes":
         state = None
         with open(ckpt, "wb") as f:
