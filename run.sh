@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # PA-MoE in one command.
 #   bash run.sh            train. CUDA: ALFWorld + Qwen2.5-1.5B-Instruct (needs the official games: ALFWORLD_DATA);
-#                          CPU: toy env + tiny model (~5 min on 2 cores)
+#                          CPU: toy env + tiny model (~4.5 min on 2 cores)
 #   bash run.sh --preflight   the same preset: one rollout step and one PPO micro-batch at the largest sizes, peak
 #                          memory and time per token, then exit (a GPU user's first command, README)
 #   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
@@ -48,8 +48,8 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   # on 80 GB --grad_ckpt false (faster: no replayed forward)
   preset=(--env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --action_format tagged --max_new_tokens 512 --history 2
           --max_steps 50 --num_envs 32 --iterations 150 --eval_every 10 --eval_episodes 128 --minibatch 8
-          --micro_batch 8 --grad_ckpt true
-          --epochs 1 --ent_coef 0.001 --lr_experts 1e-6 --lr_router 1e-4 --lr_critic 1e-5 --out_dir runs/pamoe-gpu)
+          --micro_batch 8 --grad_ckpt true --epochs 1 --clip 0.2
+          --ent_coef 0.001 --lr_experts 1e-6 --lr_router 1e-4 --lr_critic 1e-5 --out_dir runs/pamoe-gpu)
 elif [ "$job" = "alfworld" ]; then
   # CPU: the whole ALFWorld path with the tiny model on the project's offline mini game set
   export ALFWORLD_DATA="${ALFWORLD_DATA:-runs/alfworld-mini}"
