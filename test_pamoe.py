@@ -505,9 +505,9 @@ def test_a_run_killed_mid_iteration_resumes_without_duplicate_or_missing_iterati
 
 def test_end_to_end_training_improves_success_and_the_router_does_not_collapse(tmp_path):
     """The CPU demo's settings, shortened: the tiny model on the toy env must solve more tasks after 12 iterations
-    than in its first ones (measured here: about 3% -> 20%; README has the full run), and the phase router must
+    than in its first ones (measured here: about 2% -> 22%; README has the full run), and the phase router must
     still spread its decisions over at least 3 experts (the collapse regression: with --info_coef 0 one expert
-    takes > 95% of the steps by iteration 5, README)."""
+    takes > 95% of the steps from iteration 6 and 98% at the end, README)."""
     out = str(tmp_path / "e2e")
     pamoe.main(["--iterations", "12", "--eval_every", "0", "--ckpt_every", "100", "--out_dir", out])
     metrics = read_metrics(out)
