@@ -221,7 +221,6 @@ def test_switch_penalty_tau_annealing_and_balance():
     assert pamoe.balance_loss(soft, torch.tensor([0, 1, 2, 3]), "switch") == pytest.approx(1)  # uniform: 1
 
 
-
 def test_group_logratio_gives_the_mutual_information_of_expert_and_group_and_its_exact_gradient():
     """I(k; g) = H(mean p) - sum_g q_g H(mean_{n in g} p_n); the surrogate with the log-ratios held fixed has the
     same value and the same gradient."""
