@@ -28,7 +28,10 @@ import sys
 # simplicity bias can show. Commands follow ALFWorld 0.4.2 syntax. Sized so that a randomly initialised 2-layer
 # model can learn every task type in minutes on a CPU (README, "The CPU demo"): two storage places, three
 # appliances, and every observation while carrying ends with what is carried (ALFWorld's `inventory` answer), so
-# that the current observation tells the state without the history.
+# that the current observation tells the state without the history. One departure from ALFWorld: putting the
+# object at the target before it is transformed fails the task (the episode ends, lost); ALFWorld would let the agent
+# take it back, but an agent that sees no history cannot know where it left the object, so the episode was lost
+# anyway and spent its remaining steps on nothing.
 # ---------------------------------------------------------------------------------------------------------
 PLACES = ["countertop 1", "shelf 1", "sinkbasin 1", "microwave 1", "fridge 1"]
 STORAGE = PLACES[:2]  # where objects start, and where they must go
@@ -59,7 +62,7 @@ class ToyEnv:
         self.contents = {p: [] for p in PLACES}
         self.contents[obj_place].append(self.obj)
         self.contents[distractor_place].append(f"{distractor} 1")
-        self.at, self.holding, self.transformed, self.won, self.t = None, None, False, False, 0
+        self.at, self.holding, self.transformed, self.won, self.failed, self.t = None, None, False, False, False, 0
         if self.task_type == "pick":
             self.goal = f"put some {target_obj} in {self.target}."
         else:
@@ -96,7 +99,7 @@ class ToyEnv:
 
     def step(self, action):
         """Any text is accepted; a command that is not admissible changes nothing ("Nothing happens.")."""
-        assert not self.won and self.t < self.max_steps, "step() after the episode ended; call reset()"
+        assert not (self.won or self.failed) and self.t < self.max_steps, "step() after the episode ended; call reset()"
         self.t += 1
         action = action.strip().lower()
         obs = "Nothing happens."
@@ -113,8 +116,9 @@ class ToyEnv:
             elif verb == "move":
                 obs = f"You move the {self.holding} to the {self.at}."
                 self.contents[self.at].append(self.holding)
-                self.won = (self.holding == self.obj and self.at == self.target
-                            and (self.task_type == "pick" or self.transformed))
+                placed = self.holding == self.obj and self.at == self.target
+                self.won = placed and (self.task_type == "pick" or self.transformed)
+                self.failed = placed and not self.won  # untransformed: the task fails
                 self.holding = None
             else:  # clean / heat / cool
                 self.transformed |= self.holding == self.obj and TRANSFORMS.get(self.task_type, ("",))[0] == self.at
@@ -122,8 +126,8 @@ class ToyEnv:
         if self.holding is not None:
             hot = self.transformed and self.holding == self.obj
             obs += f" You are carrying: a {TRANSFORMS[self.task_type][2] + ' ' if hot else ''}{self.holding}."
-        truncated = not self.won and self.t >= self.max_steps
-        return obs, WIN_REWARD * self.won, self.won, truncated, self._info()
+        truncated = not (self.won or self.failed) and self.t >= self.max_steps
+        return obs, WIN_REWARD * self.won, self.won or self.failed, truncated, self._info()
 
     def solve(self):
         """Scripted solver: the next command of a shortest solution, read off the true state."""
@@ -527,7 +531,7 @@ def make_env_batch(name, n, max_steps, split="train", data=None):
 ANSWER = {
     "tagged": "First reason step by step inside <think> </think>, then write exactly one admissible action "
               "inside <action> </action>.",
-    "label": "Answer with the number of one admissible action.",
+    "label": "Answer with a number.",
 }
 
 
@@ -537,14 +541,18 @@ def listed_actions(admissible):
 
 
 def build_prompt(goal, obs, history, admissible, step, max_steps, action_format):
-    """history: list of (observation, action) pairs before the current observation, oldest first."""
+    """history: list of (observation, action) pairs before the current observation, oldest first. `tagged`: the
+    paper's prompt; `label` (a small model that answers with a number): the same content in fewer words, since
+    prompt tokens are most of the CPU demo's compute."""
+    paper = action_format == "tagged"
     lines = ["You are an agent in a household text environment.", f"Your task is to: {goal}",
-             f"This is step {step + 1} of at most {max_steps}."]
+             f"This is step {step + 1} of at most {max_steps}."] if paper else \
+        [f"Task: {goal}", f"Step {step + 1} of {max_steps}."]
     if history:
         lines.append(f"Your last {len(history)} observations and actions:")
         for past_obs, past_act in history:
             lines += [f"Observation: {past_obs}", f"Action: {past_act}"]
-    lines += [f"Current observation: {obs}", "Admissible actions:"]
+    lines += [f"{'Current observation' if paper else 'Observation'}: {obs}", "Admissible actions:"]
     lines += [f"{i + 1}: {cmd}" for i, cmd in enumerate(listed_actions(admissible))]
     lines.append(ANSWER[action_format])
     return "\n".join(lines)
@@ -593,7 +601,8 @@ def vocabulary(env="toy", max_labels=60):
     for seed in range(100):  # solved episodes, probing a bad command at every state
         obs, info = env.reset(seed)
         while True:
-            texts.append(build_prompt(info["goal"], obs, [(obs, "go to shelf 1")], info["admissible"], 0, 1, "tagged"))
+            texts += [build_prompt(info["goal"], obs, [(obs, "go to shelf 1")], info["admissible"], 0, 1, f)
+                      for f in ANSWER]
             if env.won:
                 break
             texts.append(env.step("nonsense")[0])
