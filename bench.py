@@ -8,6 +8,8 @@ Run:
     python bench.py ablation --num_envs 16   # flags bench.py does not know go to every pamoe.py run
     python bench.py memory          # activation bytes per token of one PPO micro-batch on Qwen2.5-1.5B's shape
                                     # (CPU, random bf16 weights), with and without --grad_ckpt; the GPU table
+    python bench.py preflight [pamoe.py flags]   # one rollout step and one PPO micro-batch at the largest sizes the
+                                    # flags allow: peak memory and time, before a GPU run (bash run.sh preflight)
     python bench.py probe [--checkpoint runs/pamoe/checkpoint.pt]   # can the router's input tell the hidden
                                     # phases (and task types) apart? linear probes on its frozen step features
 
@@ -30,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -600,10 +603,62 @@ def probe(opts, passthrough):
     return result
 
 
+def preflight(argv):
+    """The model and sizes of a pamoe.py command line (argv, its flags), before a run: one rollout step and one PPO
+    micro-batch at the largest sizes the flags allow (prompts of --max_prompt_tokens random tokens, --max_new_tokens
+    new ones); prints peak memory (CUDA: allocated tensors; CPU: the process's peak resident set), time per token and
+    the time one iteration takes at most. Trains nothing and needs no ALFWorld games."""
+    a = pamoe.parse_args(argv, games=False)
+    dev, cuda = torch.device(a.device), a.device == "cuda"
+    pamoe.seed_everything(a.seed)
+    agent = pamoe.Agent(a, dev)
+    opt = torch.optim.AdamW(agent.param_groups(), weight_decay=a.weight_decay)
+    P, M, N, n = a.max_prompt_tokens, a.max_new_tokens, a.num_envs, a.micro_batch or a.minibatch
+    ids = torch.randint(agent.lm.config.vocab_size, (max(N, n), P + M), generator=torch.Generator().manual_seed(0))
+    ids, k = ids.to(dev), torch.arange(max(N, n), device=dev) % a.experts[0]  # the experts in turn
+
+    def generate():
+        with torch.no_grad(), agent.routing(pamoe.step_gates_for(agent, slice(N), k)):
+            agent.lm.generate(ids[:N, :P], attention_mask=torch.ones_like(ids[:N, :P]), do_sample=True, top_k=0,
+                              max_new_tokens=M, min_new_tokens=M, pad_token_id=agent.tok.pad_token_id)
+
+    def ppo_micro_batch():
+        with agent.routing(pamoe.step_gates_for(agent, slice(n), k)) as routing:  # backward inside (--grad_ckpt)
+            logp, ent, mask = agent.response_logprobs(list(ids[:n]), [P] * n, [M] * n, a.temperature, routing.gates)
+            (-(logp + ent).sum() / mask.sum()).backward()
+        opt.step()  # allocates AdamW's state
+    cost = []  # (seconds, peak GiB) of each
+    for fn in (generate, ppo_micro_batch):
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        t = time.time()
+        try:
+            fn()
+        except torch.cuda.OutOfMemoryError as e:
+            raise SystemExit(f"bench.py preflight: out of memory in {fn.__name__}; lower --micro_batch or "
+                             f"--num_envs, add --grad_ckpt true, or lower --max_prompt_tokens") from e
+        torch.cuda.synchronize() if cuda else None
+        cost.append((time.time() - t, (torch.cuda.max_memory_allocated() if cuda else
+                                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30))
+    (t_gen, m_gen), (t_ppo, m_ppo) = cost
+    rollout_s = a.max_steps * t_gen  # every episode to --max_steps; PPO: the epochs and prepare_batch's passes
+    ppo_s = (a.epochs + 1) * N * a.max_steps / n * t_ppo
+    gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2 ** 30:.0f} GiB" if cuda else "CPU"
+    print(f"preflight on {gpu}: {a.model}, {agent.lm.dtype}, --micro_batch {n}, --grad_ckpt {a.grad_ckpt}\n"
+          f"rollout step, {N} prompts of {P} tokens + {M} new: peak memory {m_gen:.1f} GiB, {t_gen:.1f} s, "
+          f"{t_gen / (N * M) * 1e3:.3f} ms per generated token\n"
+          f"PPO micro-batch, {n} sequences of {P + M} tokens, forward + backward: peak memory {m_ppo:.1f} GiB, "
+          f"{t_ppo:.1f} s, {t_ppo / (n * (P + M)) * 1e3:.3f} ms per token\n"
+          f"one iteration at most ({N} x {a.max_steps} steps, every prompt and response at its limit): rollout "
+          f"{rollout_s / 60:.1f} min + PPO {ppo_s / 60:.1f} min = {(rollout_s + ppo_s) / 60:.1f} min", flush=True)
+    return {"peak_gib": max(m_gen, m_ppo), "iteration_s": rollout_s + ppo_s}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    what = argv[0] if argv[:1] in (["bench"], ["ablation"], ["memory"], ["probe"]) else "bench"
+    what = argv[0] if argv[:1] in (["bench"], ["ablation"], ["memory"], ["probe"], ["preflight"]) else "bench"
     rest = argv[1:] if argv[:1] == [what] else argv
+    if what == "preflight":
+        return preflight(rest)
     parser = argparse.ArgumentParser(prog=f"bench.py {what}", allow_abbrev=False, description={
         "bench": "PA-MoE cost benchmark", "memory": "PA-MoE's memory model on Qwen2.5-1.5B's shape (CPU) -> GPU table",
         "ablation": "PA-MoE routing ablation; flags not listed here go to every pamoe.py run",
@@ -640,7 +695,7 @@ def main(argv=None):
         return bench(opts)
     parser.add_argument("--routings", default=",".join(ABLATION), help="comma list of " + ",".join(ABLATION))
     parser.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
-    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (the demo's budget)")
+    parser.add_argument("--iterations", type=int, default=60, help="iterations per run (the demo's budget)")
     parser.add_argument("--eval_every", type=int, default=10, help="evaluate every N iterations, as the demo does")
     parser.add_argument("--eval_episodes", type=int, default=64, help="evaluation episodes (the demo's)")
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")

@@ -7,57 +7,38 @@ temporal-consistency penalty keeps the router from switching without reason, so 
 behavioural phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
 
 Run:
-    bash run.sh                         # CPU: toy env + `tiny` model, ~4.5 min on 2 cores; CUDA: ALFWorld (README)
-    bash run.sh --preflight             # memory and time of the configured sizes, then exit
-    python pamoe.py --env alfworld --alfworld_data DIR    # real ALFWorld (official games or the mini set)
-    python pamoe.py --routing token     # the ablations: phase (default) | token | trajectory | dense
-    torchrun --nproc_per_node 8 pamoe.py ...              # data parallel: the same update, lanes shared by rank
-    python pamoe.py --help              # every flag; --resume runs/pamoe/checkpoint.pt continues a run
+    bash run.sh                 # CPU: toy env + `tiny` model (~5 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
+    bash run.sh preflight       # memory and time of the configured sizes, then exit (bench.py)
+    python pamoe.py --env alfworld --alfworld_data DIR   # real ALFWorld (official games or envs.py's mini set)
+    python pamoe.py --routing token                      # ablations: phase (default) | token | trajectory | dense
+    torchrun --nproc_per_node 8 pamoe.py ...             # data parallel: the same update, lanes shared by rank
+    python pamoe.py --help                               # every flag; --resume <out_dir>/checkpoint.pt continues
 
-Reading order: Args -> data-parallel helpers -> model and LoRA experts -> phase router and critic -> pure
-algorithm functions (GAE, PPO, KL, switch and balance losses) -> rollout -> PPO update -> evaluation ->
-checkpoints -> training loop -> main.
-
-Where this departs from the paper (and why):
-- RL algorithm: PPO with a turn-level critic and GAE (the project's brief), not GiGPO as in the paper's code. The
-  critic is a second, separately trained copy of the router's encoder with a scalar head.
-- How the router learns "from the RL objective" is not pinned down by the paper, and its released code never
-  calls the router. Here it learns straight-through: the forward pass uses the one-hot expert choice, the backward
-  pass flows through p (gates = onehot + p - stopgrad(p)); with B zero-initialised this gradient starts at exactly
-  0. (A policy-gradient reading, log p_t(k_t) in the PPO ratio, was measured and removed: README.)
-- Behaviour information (not in the paper): the router also maximises lambda_i * I(k; v), the mutual information
-  between its expert choice k and the verb v of the action taken at the step (the command's first word), over the
-  rollout: information maximisation as in discriminative clustering (Krause et al. 2010; IIC, Ji et al. 2019).
-  With the paper's terms alone (switch penalty, balance) the router collapses onto one expert within a few
-  iterations in every seed, and no balance loss, loss-free bias, k-means init or balance within episodes made it
-  route by phase; with lambda_i = 10 no seed collapsed and the experts follow what the agent does (find, take,
-  carry, place; phase NMI 0.28-0.67 over the demo's 3 seeds, task NMI <= 0.10; README, "The phase router"). The paper
-  says the router learns without phase labels; its released code pre-trains it on heuristic ones. The verb is no
-  label: which verbs share an expert is learnt.
-- Load balance: the Switch Transformer's K sum_k f_k P_k with lambda_b = 0.01 by default, not the paper's
-  sum_k (P_k - 1/K)^2 with 0.001 (`--balance sq`): on the demo over 3 seeds it gave 0.58 +- 0.23 success against
-  0.45 +- 0.11 without the behaviour information (README).
-- Router input: [observation ; goal context (observation attends the goal tokens) ; LSTM state], 2d+256 wide,
-  not d+256; the LSTM reads [observation ; previous action] features of the last L steps, zeros before the
-  episode. Frozen features are layer-normalised (no parameters).
-- The expert of a step also runs over that step's prompt tokens (the whole sequence goes through the adapted
-  model); the loss is on response tokens only.
-- Token routing (`--routing token`, the LoRA-MoE baseline) trains its per-layer token routers through the gate
-  value (top-1 times its probability); its "expert of a step", for switch counts and tables only, is the one
-  chosen most often over the step's layers and tokens. No diversity term (unused in the released code too).
-- ALFWorld (envs.py): the real alfworld 0.4.2 text engine, one worker process per environment (so that the seed
-  chooses the game and a dead game is replaced); run.sh scales the paper's 128 environments per iteration to 32
-  on one GPU and samples with HF generate (the paper: vLLM).
-- The CPU demo: `--action_format label` (the answer is the number of an admissible action; `tagged` is the
-  paper's <think>/<action> form); the `tiny` model stands in for a pretrained instruction model: before it is
-  frozen its base gets `--tiny_format_steps` supervised steps of next-token prediction on prompts of
-  random-action episodes plus the answer format (a uniformly random admissible label), no task skill. The toy's
-  observation tells the whole state, so the demo prompt shows no history (`--history 0`; paper: 2). Learning
-  rates 1e-3 for experts and critic (paper, 1.5B: 1e-6), 2 PPO epochs, entropy bonus 0.01 (paper: 0.001), PPO
-  clip 0.3 (paper: 0.2; a rare task type is won in about one episode of 32, and the clip bounds how far each such
-  win moves the policy per iteration: with 0.2 the rare types were learned in few seeds, README). The
-  toy (envs.py) is sized so that every task type is learnable in the demo's 40 iterations: 5 places, task mix
-  pick / clean / heat / cool 0.4 / 0.2 / 0.2 / 0.2, the carried object named in every observation (README).
+Departures from the paper (README has the measurements behind each):
+- PPO with a turn-level critic and GAE (the brief), not GiGPO. The critic reads what the router reads, through its
+  own encoder (one LSTM layer).
+- The router learns straight-through (gates = onehot + p - stopgrad(p)): the paper does not say how it learns
+  "from the RL objective", and its released code never calls its router.
+- Behaviour information (not in the paper): the router also maximises lambda_i I(k; v), the mutual information
+  between its expert k and the verb v of the agent's previous action (`go`, `take`, `move`, `clean`, ...; no
+  label: which verbs share an expert is learnt), as in discriminative clustering (Krause et al. 2010; IIC). With
+  the paper's terms alone the router collapses onto one expert in every seed. The verb of the action being taken
+  routed by phase too, but the expert then decides the verb it is predicted to take: a step routed to the "go"
+  expert never tries the transform it has not yet seen, and the rare task types were learnt in 1 seed of 3.
+- Load balance: Switch Transformer's K sum_k f_k P_k with lambda_b 0.01 (paper: sum_k (P_k - 1/K)^2, 0.001;
+  `--balance sq`).
+- Router input [observation ; goal context ; LSTM state] (2d+256, paper d+256); the LSTM reads [observation ;
+  previous action] features of the last L steps. The step's expert also runs over its prompt tokens.
+- Token routing (`--routing token`, LoRA-MoE baseline): per-layer token routers trained through the gate value;
+  its "expert of a step" (tables only) is the one chosen most often. No diversity term (unused in the code too).
+- ALFWorld: the real alfworld 0.4.2 engine, one worker process per environment; run.sh scales the paper's 128
+  environments to 32 on one GPU and samples with HF generate (paper: vLLM).
+- The CPU demo: answers are action numbers (`--action_format label`; `tagged` is the paper's <think>/<action>);
+  `tiny` gets `--tiny_format_steps` supervised steps before it is frozen (next-token prediction on random-action
+  episodes and a uniformly random admissible label: format, no skill); no history in the prompt (the toy's
+  observation tells the state); lr 1e-3 for experts and critic, 2 PPO epochs, entropy 0.01, clip 0.3 (paper 0.2),
+  60 iterations. The toy (envs.py): 5 places, task mix 0.4 / 0.2 / 0.2 / 0.2, an untransformed object put at the
+  target fails the task. PPO minibatches hold whole episodes (the switch penalty's pairs stay together).
 """
 import argparse
 import contextlib
@@ -67,7 +48,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from collections import Counter, defaultdict
@@ -98,22 +78,18 @@ def need(ok, msg):
 class Args:
     # run
     env: str = arg("toy", "environment: toy | alfworld")
-    alfworld_data: str = arg("", "alfworld: data folder (default $ALFWORLD_DATA): the official games, or the mini set "
-                                 "that `python envs.py make-alfworld-mini DIR` writes")
-    eval_split: str = arg("eval_in_distribution", "alfworld: evaluation split, eval_in_distribution (seen) | "
-                                                  "eval_out_of_distribution (unseen)")
+    alfworld_data: str = arg("", "alfworld: games folder (default $ALFWORLD_DATA): official, or envs.py's mini set")
+    eval_split: str = arg("eval_in_distribution", "alfworld: eval_in_distribution (seen) | eval_out_of_distribution")
     model: str = arg("tiny", "`tiny` (built from a config, no download) or a Hugging Face name / local path")
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("auto", "weights of the frozen base: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
-    preflight: bool = arg(False, "run one rollout step and one PPO micro-batch at the largest sizes, print memory, exit")
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
     out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log and checkpoint.pt go")
     resume: str = arg("", "checkpoint to resume from (continues to --iterations)")
-    iterations: int = arg(40, "training iterations (one rollout + one PPO update each)")
+    iterations: int = arg(60, "training iterations (one rollout + one PPO update each)")
     num_envs: int = arg(32, "environments stepped in lockstep per iteration (one episode each)")
     max_steps: int = arg(20, "step limit per episode (truncation, bootstrapped)")
-    history: int = arg(0, "past observation/action pairs shown in the prompt (paper: 2; the toy's observation "
-                          "tells the whole state)")
+    history: int = arg(0, "past observation/action pairs shown in the prompt (paper: 2; the toy needs none)")
     max_prompt_tokens: int = arg(2048, "prompt limit: the oldest history is dropped to fit, then the left is cut")
     action_format: str = arg("label", "label (number of an admissible action) | tagged (<think>/<action>)")
     max_new_tokens: int = arg(1, "response length limit per step (512 for the tagged format)")
@@ -159,8 +135,9 @@ class Args:
     lr_critic: float = arg(1e-3, "learning rate of the critic")
     weight_decay: float = arg(0.01, "AdamW weight decay")
 
-    def validate(self):
-        """Every flag by its meaning, before any model loads."""
+    def validate(self, games=True):
+        """Every flag by its meaning, before any model loads. games=False: a run that plays no game (bench.py
+        preflight) needs no ALFWorld data, unless `tiny` warms up on its episodes."""
         for name, valid in CHOICES.items():
             need(getattr(self, name) in valid, f"unknown --{name} {getattr(self, name)!r}; use {' | '.join(valid)}")
         for name, interval in RANGES.items():
@@ -171,7 +148,7 @@ class Args:
                  "--env alfworld needs the alfworld package: pip install alfworld==0.4.2 (bash run.sh installs it)")
             self.alfworld_data = self.alfworld_data or os.environ.get("ALFWORLD_DATA", "")
             error = envs.alfworld_data_error(self.alfworld_data, ("train", self.eval_split))
-            need(error is None or (self.preflight and self.model != "tiny"),  # a preflight plays no game
+            need(error is None or not (games or self.model == "tiny"),
                  f"--alfworld_data {self.alfworld_data!r}: {error}")
         # combinations that cannot work, sizes that exhaust memory, paths that cannot be read or written
         n = max(self.num_envs, self.eval_episodes)  # episodes of one rollout: all their steps stay in memory
@@ -199,6 +176,8 @@ class Args:
              f"--resume {self.resume}: no such file; point it at a checkpoint.pt or drop the flag")
         need(self.device != "cuda" or torch.cuda.is_available(),
              "--device cuda but no CUDA device is visible; use --device cpu (or auto)")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         return self
 
     @property
@@ -239,18 +218,16 @@ def boolean(text):
     return text.lower() in ("true", "1", "on")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, games=True):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
         kind = boolean if isinstance(f.default, bool) else type(f.default)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
                             **({"nargs": "?", "const": True} if kind is boolean else {}))  # --flag alone: true
-    return Args(**vars(parser.parse_args(argv))).validate()
+    return Args(**vars(parser.parse_args(argv))).validate(games)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Data parallel (torchrun): each rank steps its share of the lanes; a few collectives, the identity in one process
-# ---------------------------------------------------------------------------------------------------------
+# --- Data parallel (torchrun): each rank steps its share of the lanes; a few collectives, identities in one process
 def rank_world():
     """This process's rank and the number of processes, as torchrun sets them; (0, 1) without torchrun."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -289,9 +266,7 @@ def all_gather(obj):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Model: a frozen causal LM with K LoRA experts on the target linears
-# ---------------------------------------------------------------------------------------------------------
+# --- Model: a frozen causal LM with K LoRA experts on the target linears ----------------------------------------------
 def build_tiny(vocab, seed):
     """A 2-layer Qwen2-architecture model with a word-level tokenizer built from `vocab`. Random weights: no
     download anywhere; the experts must learn everything the task needs on top of a random frozen network."""
@@ -311,20 +286,16 @@ def build_tiny(vocab, seed):
 
 
 def step_prompt(args, info, obs, history, t, keep=None):
-    """The prompt of one env step: task, step count, the last `keep` (default --history) observation/action pairs,
-    admissible actions."""
+    """The prompt of one env step with its last `keep` (default --history) observation/action pairs."""
     keep = args.history if keep is None else keep
     return envs.build_prompt(info["goal"], obs, history[-keep:] if keep else [], info["admissible"], t,
                              args.max_steps, args.action_format)
 
 
 def teach_answer_format(model, tok, args, batch=32):
-    """Stand-in for pretraining, `tiny` only: a few supervised steps on the base (before it is frozen) of
-    next-token prediction on prompts of random-action episodes (the text a pretrained model has read) and of
-    answering a prompt with the label of an admissible action drawn uniformly (as a prompted instruction model
-    answers in the requested format). No task skill is taught: every listed label is an equally good target.
-    Without the format a random output layer spends most of the run learning to emit a number; without the
-    next-token term the frozen features that router, critic and experts read are those of a random network."""
+    """Stand-in for pretraining, `tiny` only: supervised steps on the base (before it is frozen) of next-token
+    prediction on prompts of random-action episodes (the text a pretrained model has read) and of answering with a
+    uniformly drawn admissible label (the requested format; no task skill: every label is an equally good target)."""
     if args.tiny_format_steps == 0:
         return
     rng = random.Random(args.seed)
@@ -353,8 +324,7 @@ def teach_answer_format(model, tok, args, batch=32):
         idx = [rng.randrange(len(prompts)) for _ in range(batch)]
         enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
                   add_special_tokens=False)
-        hidden = model.base_model(**enc).last_hidden_state  # (B, T, d)
-        logits = model.get_output_embeddings()(hidden).float()  # (B, T, V)
+        logits = model.get_output_embeddings()(model.base_model(**enc).last_hidden_state).float()  # (B, T, V)
         last = logits[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, V) after the prompt's last token
         logp = F.log_softmax(last, -1)[:, label_ids]  # (B, n)
         valid = torch.arange(len(label_ids))[None] < torch.tensor([n_labels[i] for i in idx])[:, None]
@@ -486,9 +456,7 @@ def mean_pool(states, mask):
     return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Phase router and critic: the same step encoder, separate parameters
-# ---------------------------------------------------------------------------------------------------------
+# --- Phase router and critic: the same step encoder, separate parameters ----------------------------------------------
 class StepHead(nn.Module):
     """Frozen step features -> out_dim outputs (router logits, or a value).
     window (B, L, 2d): [observation ; previous action] features of the last L steps, zeros before the episode;
@@ -521,9 +489,7 @@ def step_gates(probs, k):
     return (onehot + (probs - probs.detach()))[:, None]  # value exactly one-hot
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Pure algorithm functions
-# ---------------------------------------------------------------------------------------------------------
+# --- Pure algorithm functions -----------------------------------------------------------------------------------------
 def tau_at(update, tau_start, tau_end, tau_steps):
     """Router temperature annealed linearly from tau_start to tau_end over tau_steps router updates."""
     return tau_start + (tau_end - tau_start) * min(update / tau_steps, 1.0)
@@ -559,17 +525,14 @@ def whiten(x, mask):
     return torch.where(mask, (x - mean) / (std + 1e-8), 0)
 
 
-def clip_fraction(ratio, mask, clip):
-    return masked_mean(((ratio - 1).abs() > clip).float(), mask)
-
-
 def ppo_policy_loss(logp, old_logp, adv, mask, clip):
     """Clipped surrogate, token-mean over the response tokens in `mask`. logp, old_logp, adv, mask: (B, R).
     Returns loss, clip fraction, approx KL (old || new)."""
     log_ratio = torch.where(mask, logp - old_logp, 0)
     ratio = log_ratio.exp()
     surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    return masked_mean(surrogate, mask), clip_fraction(ratio, mask, clip), masked_mean(-log_ratio, mask)
+    clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+    return masked_mean(surrogate, mask), clipfrac, masked_mean(-log_ratio, mask)
 
 
 def kl_k3(logp, ref_logp, mask):
@@ -626,11 +589,6 @@ def nmi(a, b):
     return 0.0 if min(h) <= 0 else max(0.0, mi) / (sum(h) / 2)
 
 
-def explained_variance(pred, target):
-    var = target.var()
-    return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
-
-
 LOGIT_CHUNK = 256  # response tokens whose float32 (chunk, V) logits exist at once: 0.16 GB per copy at V = 152k
 
 
@@ -645,9 +603,7 @@ def token_logp_entropy(hidden, head, targets, temperature):
                       for h, y in zip(hidden.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK))], dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The agent: frozen LM + experts + router + critic
-# ---------------------------------------------------------------------------------------------------------
+# --- The agent: frozen LM + experts + router + critic -----------------------------------------------------------------
 class Agent(nn.Module):
     def __init__(self, args, device):
         super().__init__()
@@ -659,7 +615,7 @@ class Agent(nn.Module):
         d, K = self.lm.config.hidden_size, args.experts[0]
         step_routed = args.routing in ("phase", "trajectory")
         self.router = StepHead(d, K, args.router_hidden, args.router_layers).to(device) if step_routed else None
-        self.critic = StepHead(d, 1, args.router_hidden, args.router_layers).to(device)
+        self.critic = StepHead(d, 1, args.router_hidden, 1).to(device)
 
     def param_groups(self):
         a = self.args
@@ -705,9 +661,7 @@ class Agent(nn.Module):
         return (*(torch.zeros(mask.shape, device=self.device).masked_scatter(mask, x) for x in logp_entropy), mask)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Rollout: N envs in lockstep, one routing decision and one generated response per env step
-# ---------------------------------------------------------------------------------------------------------
+# --- Rollout: N envs in lockstep, one routing decision and one generated response per env step ------------------------
 def stop_at(tok, stop, start):
     """generate's stopping criterion for tagged answers: per sequence, whether the text generated after position
     `start` holds `stop` (in its last len(stop) tokens: a token is at least one character)."""
@@ -736,9 +690,9 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
     K, L, N = a.experts[0], a.router_window, len(seeds)
     obs, infos = map(list, zip(*env_batch.reset(seeds)))
     goal_states, goal_mask = encode_texts(agent.lm, tok, [i["goal"] for i in infos], dev)
-    rows = [torch.zeros(2 * goal_states.shape[-1], device=dev)]
-    lane_rows = [[] for _ in range(N)]
-    history, last_action, done = [[] for _ in range(N)], [""] * N, [False] * N
+    rows, lane_rows = [torch.zeros(2 * goal_states.shape[-1], device=dev)], [[] for _ in range(N)]
+    history, last_action, done, cut = [[] for _ in range(N)], [""] * N, [False] * N, [False] * N
+    last_verb = [""] * N  # the verb of each lane's previous action: "" before the first, <invalid> after a bad output
     episode_k = torch.zeros(N, dtype=torch.long, device=dev)
     episode_p = torch.ones(N, K, device=dev) / K  # the router's probabilities of each lane's current step
     R = defaultdict(list)
@@ -792,21 +746,20 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             for key, val in (("seq", torch.cat([prompt_ids, resp])), ("prompt_len", len(prompt_ids)),
                              ("resp_len", len(resp)), ("lane", n), ("t", t), ("k", int(k[i])),
                              ("router_p", episode_p[n].tolist()), ("window", win[i].tolist()),
-                             ("verb", cmd.split()[0] if valid else ""),
+                             ("last_verb", last_verb[n]),
                              ("phase", env_batch.step_phase(infos[n], cmd if valid else None)),
                              ("task_type", infos[n]["task_type"])):
                 R[key].append(val)
         results = env_batch.step(actions)
         for n in lanes:
-            o, r, term, trunc, info = results[n]
-            R["reward"].append(r - 0.1 * invalid[n])  # an invalid output costs -0.1 (paper) and is counted
-            R["invalid"].append(invalid[n])
-            R["terminated"].append(term)
-            R["truncated"].append(trunc)
-            R["won"].append(info["won"])
+            o, r, term, trunc, info = results[n]  # an invalid output costs -0.1 (paper) and is counted
+            for key, val in (("reward", r - 0.1 * invalid[n]), ("invalid", invalid[n]), ("terminated", term),
+                             ("truncated", trunc), ("won", info["won"])):
+                R[key].append(val)
             history[n].append((obs[n], actions[n]))
-            last_action[n], obs[n], infos[n], done[n] = actions[n], o, info, term or trunc
-    truncated = [n for n in range(N) if not infos[n]["won"]]
+            last_action[n], obs[n], infos[n], done[n], cut[n] = actions[n], o, info, term or trunc, trunc
+            last_verb[n] = "<invalid>" if invalid[n] else actions[n].split()[0]
+    truncated = [n for n in range(N) if cut[n]]
     if truncated:  # features of the final observation, to bootstrap from at truncation
         add_rows(truncated)
     R.update(table=torch.stack(rows), goal_states=goal_states, goal_mask=goal_mask,
@@ -815,19 +768,16 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
 
 
 def rollout_stats(S, N):
-    """Per-episode summaries of a rollout: success, return, steps, switches, by task type."""
-    ep = defaultdict(lambda: {"return": 0.0, "steps": 0, "won": False, "experts": [], "phases": []})
-    for i, n in enumerate(S["lane"]):
+    """Per-episode summaries of a rollout: success, return, steps, switches, task type, experts and phases."""
+    ep = defaultdict(lambda: {"return": 0.0, "won": False, "experts": [], "phases": []})
+    for n, r, won, tt, k, ph in zip(*(S[key] for key in ("lane", "reward", "won", "task_type", "k", "phase"))):
         e = ep[n]
-        e["return"] += S["reward"][i]
-        e["steps"] += 1
-        e["won"] |= S["won"][i]
-        e["task_type"] = S["task_type"][i]
-        e["experts"].append(S["k"][i])
-        e["phases"].append(S["phase"][i])
+        e["return"], e["won"], e["task_type"] = e["return"] + r, e["won"] or won, tt
+        e["experts"].append(k)
+        e["phases"].append(ph)
     eps = [ep[n] for n in range(N)]
     for e in eps:
-        e["switches"] = sum(x != y for x, y in zip(e["experts"], e["experts"][1:]))
+        e["steps"], e["switches"] = len(e["experts"]), sum(x != y for x, y in zip(e["experts"], e["experts"][1:]))
     return eps
 
 
@@ -838,9 +788,7 @@ def gather_steps(S, lanes):
     return {key: sum((part[key] for part in all_gather(mine)), []) for key in keys}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# PPO update over one rollout
-# ---------------------------------------------------------------------------------------------------------
+# --- PPO update over one rollout --------------------------------------------------------------------------------------
 def step_gates_for(agent, idx, k):
     """Gates of stored samples as they were in the rollout (no router gradient): None for token routing."""
     return None if agent.args.routing == "token" else F.one_hot(k[idx], agent.args.experts[0]).float()[:, None]
@@ -880,14 +828,14 @@ def prepare_batch(agent, R):
          "k": torch.tensor(R["k"], device=dev),
          # the sample of step t+1 of the same episode (for the switch penalty), -1 if none
          "next": torch.tensor([pos.get((n, t + 1), -1) for n, t in zip(R["lane"], R["t"])], device=dev)}
-    if a.routing == "phase":  # I(expert; verb) over the rollout of all ranks: each step's verb (first word of its
-        # action, "" if invalid) and the router probabilities it was routed with
-        parts = all_gather((R["verb"], R["router_p"]))
+    if a.routing == "phase":  # I(expert; last verb) over the rollout of all ranks: each step's previous verb and
+        # the router probabilities it was routed with
+        parts = all_gather((R["last_verb"], R["router_p"]))
         vocab = {v: i for i, v in enumerate(sorted({v for verbs, _ in parts for v in verbs}))}
         groups = torch.tensor([vocab[v] for verbs, _ in parts for v in verbs], device=dev)
         logratio = group_logratio(torch.tensor(sum((p for _, p in parts), []), device=dev), groups)  # (all steps, K)
         start = sum(len(verbs) for verbs, _ in parts[:rank_world()[0]])
-        B["verb_logratio"] = logratio[start:start + len(R["verb"])]  # (S, K) this rank's steps
+        B["verb_logratio"] = logratio[start:start + len(R["last_verb"])]  # (S, K) this rank's steps
     # the trajectory router decides once, from the window of the episode's first step
     first = torch.tensor([pos[(n, 0)] for n in R["lane"]], device=dev)
     B["router_windows"] = windows[first] if a.routing == "trajectory" else windows
@@ -924,24 +872,29 @@ def ppo_update(agent, opt, R, B, tau_state):
     a, dev = agent.args, agent.device
     stats = defaultdict(list)
     router_params = list(agent.router.parameters()) if agent.router is not None else []
-    sizes = all_gather(len(R["seq"]))
+    # Minibatches of whole episodes (as recurrent PPO does), so that the step after each step is in its minibatch
+    # for the switch penalty; each rank cuts its episodes into the number of minibatches the whole rollout needs.
+    episodes = defaultdict(list)
+    for i, n in enumerate(R["lane"]):
+        episodes[n].append(i)
+    episodes = list(episodes.values())
+    cuts = min(math.ceil(all_sum(len(R["seq"])) / a.minibatch), *all_gather(len(episodes)))
     for epoch in range(a.epochs):
-        for step, mb in enumerate(torch.randperm(len(R["seq"])).tensor_split(
-                min(math.ceil(sum(sizes) / a.minibatch), *sizes))):
+        for step, group in enumerate(torch.randperm(len(episodes)).tensor_split(cuts)):
+            mb = torch.tensor([i for e in group.tolist() for i in episodes[e]])
             seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
             mb, n, tokens = mb.to(dev), all_sum(len(mb)), all_sum(sum(rl))  # steps and response tokens of all ranks
             lanes, k = B["lanes"][mb], B["k"][mb]
             aux_terms, gates = {}, step_gates_for(agent, mb, B["k"])
             if agent.router is not None:
                 tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
-                nxt = B["next"][mb]
-                wins = torch.cat([B["router_windows"][mb], B["router_windows"][nxt.clamp(min=0)]])
-                gl = torch.cat([lanes, lanes])
-                p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl],
-                                         tau).chunk(2)  # (B, K) each
+                p = router_probs(agent.router, R["table"][B["router_windows"][mb]], R["goal_states"][lanes],
+                                 R["goal_mask"][lanes], tau)  # (B, K)
                 gates = step_gates(p, k)
+                at = torch.full((len(R["seq"]),), -1, device=dev).index_put_((mb,), torch.arange(len(mb), device=dev))
+                nxt = torch.where(B["next"][mb] >= 0, at[B["next"][mb]], -1)  # the next step's place in mb, or -1
                 pairs = (nxt >= 0).sum()
-                sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
+                sw = summed(switch_penalty(p, p[nxt.clamp(min=0)], nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
                 balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
                 aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
                 if a.routing == "phase":  # behaviour information I(k; verb), maximised; log-ratios from the rollout
@@ -1018,14 +971,13 @@ def ppo_update(agent, opt, R, B, tau_state):
                 stats[key].append(val)
     check_finite({f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad})
     out = {key: float(np.mean(v)) for key, v in stats.items()}
-    out["explained_variance"] = explained_variance(*(torch.cat(all_gather(x.cpu())) for x in (B["values"], B["ret"])))
+    v, ret = (torch.cat(all_gather(x.cpu())) for x in (B["values"], B["ret"]))
+    out["explained_variance"] = float("nan") if ret.var() == 0 else float(1 - (ret - v).var() / ret.var())
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation: success per task type, expert usage, phase timelines
-# ---------------------------------------------------------------------------------------------------------
+# --- Evaluation: success per task type, expert usage, phase timelines -------------------------------------------------
 EVAL_SEED = 10_000_000
 
 
@@ -1035,65 +987,40 @@ def evaluate(agent, tau):
     with contextlib.closing(env_batch):
         S = gather_steps(rollout(agent, env_batch, [EVAL_SEED + i for i in lanes], tau, a.eval_temperature,
                                  greedy_router=True), lanes)
-    eps = rollout_stats(S, a.eval_episodes)
-    m = {"eval/success": np.mean([e["won"] for e in eps]), "eval/steps": np.mean([e["steps"] for e in eps]),
-         "eval/switches": np.mean([e["switches"] for e in eps]), "eval/invalid": np.mean(S["invalid"])}
-    K, letters = a.experts[0], "ABCDEFGHIJKLMNOP"
-    lines = []
-    by_task = defaultdict(list)
-    for e in eps:
-        by_task[e["task_type"]].append(e)
-    for tt in envs.TASK_COLUMNS[a.env]:  # the paper's table order
-        if tt in by_task:
-            m[f"eval/success/{tt}"] = float(np.mean([e["won"] for e in by_task[tt]]))
-    usage = {}
-    for key, col in (("task type", "task_type"), ("phase", "phase")):
-        usage[col] = defaultdict(Counter)
-        for i, k in enumerate(S["k"]):
-            usage[col][S[col][i]][k] += 1
-        lines.append(f"expert usage by {key} (fraction of steps): " + " ".join(f"{letters[k]:>5}" for k in range(K)))
-        for name, c in sorted(usage[col].items()):
-            tot = sum(c.values())
-            lines.append(f"  {name:<10}" + " ".join(f"{c[k] / tot:5.2f}" for k in range(K)) + f"   (n={tot})")
-    for tt, c in usage["task_type"].items():
-        for k in range(K):
-            m[f"eval/usage/{tt}/{letters[k]}"] = c[k] / sum(c.values())
-    # phase purity: fraction of steps whose expert's most frequent phase is their own phase (1 = each expert
-    # serves one phase; a single expert scores the share of the most common phase)
-    by_expert = defaultdict(Counter)
-    for k, ph in zip(S["k"], S["phase"]):
-        by_expert[k][ph] += 1
-    m["eval/phase_purity"] = sum(max(c.values()) for c in by_expert.values()) / len(S["k"])
-    m["eval/phase_nmi"], m["eval/task_nmi"] = nmi(S["k"], S["phase"]), nmi(S["k"], S["task_type"])
+    eps, K, letters = rollout_stats(S, a.eval_episodes), a.experts[0], "ABCDEFGHIJKLMNOP"
+    by_task = {tt: [e for e in eps if e["task_type"] == tt] for tt in envs.TASK_COLUMNS[a.env]}  # paper's order
     share = np.bincount(S["k"], minlength=K) / len(S["k"])
-    m["eval/share_entropy"] = -sum(x * math.log(x) for x in share if x > 0)
-    m.update({f"eval/expert_share/{letters[k]}": share[k] for k in range(K)})
+    m = {"eval/success": np.mean([e["won"] for e in eps]), "eval/steps": np.mean([e["steps"] for e in eps]),
+         "eval/switches": np.mean([e["switches"] for e in eps]), "eval/invalid": np.mean(S["invalid"]),
+         **{f"eval/success/{tt}": np.mean([e["won"] for e in es]) for tt, es in by_task.items() if es},
+         "eval/phase_nmi": nmi(S["k"], S["phase"]), "eval/task_nmi": nmi(S["k"], S["task_type"]),
+         "eval/share_entropy": -sum(x * math.log(x) for x in share if x > 0),
+         **{f"eval/expert_share/{letters[k]}": share[k] for k in range(K)}}
+    lines = []
+    for key, col in (("task type", "task_type"), ("phase", "phase")):
+        usage = defaultdict(Counter)
+        for k, label in zip(S["k"], S[col]):
+            usage[label][k] += 1
+        lines.append(f"expert usage by {key} (fraction of steps): " + " ".join(f"{letters[k]:>5}" for k in range(K)))
+        for name, c in sorted(usage.items()):
+            n = sum(c.values())
+            lines.append(f"  {name:<10}" + " ".join(f"{c[k] / n:5.2f}" for k in range(K)) + f"   (n={n})")
+            m.update({f"eval/usage/{name}/{letters[k]}": c[k] / n for k in range(K)} if col == "task_type" else {})
     code = {}
     for ph in sorted(set(S["phase"])):  # one letter per phase: its initial, upper-cased if already taken
         code[ph] = ph[0] if ph[0] not in code.values() else ph[0].upper()
     lines.append("phase timelines (expert per step, then phase per step: "
                  + ", ".join(f"{c}={ph}" for ph, c in code.items()) + "):")
     for tt, es in sorted(by_task.items()):
-        e = es[0]
-        lines.append(f"  {tt:<6} {''.join(letters[k] for k in e['experts']):<21} "
-                     f"{''.join(code[p] for p in e['phases']):<21} {'won' if e['won'] else 'lost'}")
+        lines += [f"  {tt:<6} {''.join(letters[k] for k in es[0]['experts']):<21} "
+                  f"{''.join(code[p] for p in es[0]['phases']):<21} {'won' if es[0]['won'] else 'lost'}"] if es else []
     return {k: float(v) for k, v in m.items()}, "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints (atomic) and the training loop
-# ---------------------------------------------------------------------------------------------------------
+# --- Checkpoints (atomic) and the training loop -----------------------------------------------------------------------
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def save_checkpoint(path, agent, opt, iteration, tau_state):
@@ -1135,53 +1062,13 @@ def load_checkpoint(path, agent, opt, tau_state):
     agent.load_state_dict(state["trainable"], strict=False)
     opt.load_state_dict(state["optimizer"])
     tau_state["updates"] = state["tau_updates"]
-    set_rng_state(state["rng"][rank])
+    rng = state["rng"][rank]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["iteration"]
-
-
-def preflight(agent, opt):
-    """--preflight: one rollout step and one PPO micro-batch at the largest sizes the flags allow (prompts of
-    --max_prompt_tokens random tokens, --max_new_tokens new ones); prints peak memory (CUDA: allocated tensors; CPU:
-    the process's peak resident set), time per token and the time one iteration takes at most. Trains nothing."""
-    a, dev, cuda = agent.args, agent.device, agent.device.type == "cuda"
-    P, M, N, n = a.max_prompt_tokens, a.max_new_tokens, a.num_envs, a.micro_batch or a.minibatch
-    ids = torch.randint(agent.lm.config.vocab_size, (max(N, n), P + M), generator=torch.Generator().manual_seed(0))
-    ids, k = ids.to(dev), torch.arange(max(N, n), device=dev) % a.experts[0]  # the experts in turn
-
-    def generate():
-        with torch.no_grad(), agent.routing(step_gates_for(agent, slice(N), k)):
-            agent.lm.generate(ids[:N, :P], attention_mask=torch.ones_like(ids[:N, :P]), do_sample=True, top_k=0,
-                              max_new_tokens=M, min_new_tokens=M, pad_token_id=agent.tok.pad_token_id)
-
-    def ppo_micro_batch():
-        with agent.routing(step_gates_for(agent, slice(n), k)) as routing:  # backward inside: --grad_ckpt replays
-            logp, ent, mask = agent.response_logprobs(list(ids[:n]), [P] * n, [M] * n, a.temperature, routing.gates)
-            (-(logp + ent).sum() / mask.sum()).backward()
-        opt.step()  # allocates AdamW's state
-    cost = []  # (seconds, peak GiB) of each
-    for fn in (generate, ppo_micro_batch):
-        torch.cuda.reset_peak_memory_stats() if cuda else None
-        t = time.time()
-        try:
-            fn()
-        except torch.cuda.OutOfMemoryError as e:
-            raise SystemExit(f"pamoe.py: error: --preflight: out of memory in {fn.__name__}; lower --micro_batch or "
-                             f"--num_envs, add --grad_ckpt true, or lower --max_prompt_tokens") from e
-        torch.cuda.synchronize() if cuda else None
-        cost.append((time.time() - t, (torch.cuda.max_memory_allocated() if cuda else
-                                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30))
-    (t_gen, m_gen), (t_ppo, m_ppo) = cost
-    rollout_s = a.max_steps * t_gen  # every episode to --max_steps; PPO: the epochs and prepare_batch's passes
-    ppo_s = (a.epochs + 1) * N * a.max_steps / n * t_ppo
-    gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2 ** 30:.0f} GiB" if cuda else "CPU"
-    print(f"preflight on {gpu}: {a.model}, {agent.lm.dtype}, --micro_batch {n}, --grad_ckpt {a.grad_ckpt}\n"
-          f"rollout step, {N} prompts of {P} tokens + {M} new: peak memory {m_gen:.1f} GiB, {t_gen:.1f} s, "
-          f"{t_gen / (N * M) * 1e3:.3f} ms per generated token\n"
-          f"PPO micro-batch, {n} sequences of {P + M} tokens, forward + backward: peak memory {m_ppo:.1f} GiB, "
-          f"{t_ppo:.1f} s, {t_ppo / (n * (P + M)) * 1e3:.3f} ms per token\n"
-          f"one iteration at most ({N} x {a.max_steps} steps, every prompt and response at its limit): rollout "
-          f"{rollout_s / 60:.1f} min + PPO {ppo_s / 60:.1f} min = {(rollout_s + ppo_s) / 60:.1f} min", flush=True)
-    return {"peak_gib": max(m_gen, m_ppo), "iteration_s": rollout_s + ppo_s}
 
 
 def seed_everything(seed):
@@ -1192,7 +1079,7 @@ def seed_everything(seed):
 
 def train(args):
     """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone writes files)."""
-    cuda, rank = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()), rank_world()[0]
+    cuda, rank = args.device == "cuda", rank_world()[0]
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -1204,8 +1091,6 @@ def train(args):
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + rank)  # and from here one sampling stream per rank
     tau_state = {"updates": 0}
-    if args.preflight:
-        return preflight(agent, opt)
     start, saved = 0, args.resume  # saved: the last good checkpoint
     metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "checkpoint.pt")
     if args.resume:

@@ -2,7 +2,7 @@
 # PA-MoE in one command.
 #   bash run.sh            train. CUDA: ALFWorld + Qwen2.5-1.5B-Instruct (needs the official games: ALFWORLD_DATA);
 #                          CPU: toy env + tiny model (~4.5 min on 2 cores)
-#   bash run.sh --preflight   the same preset: one rollout step and one PPO micro-batch at the largest sizes, peak
+#   bash run.sh preflight  the same preset: one rollout step and one PPO micro-batch at the largest sizes, peak
 #                          memory and time per token, then exit (a GPU user's first command, README)
 #   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
 #   bash run.sh test       the test suite
@@ -41,7 +41,7 @@ case "${1:-}" in
 esac
 
 job=default
-if [ "${1:-}" = "alfworld" ]; then job=alfworld; shift; fi
+case "${1:-}" in alfworld|preflight) job=$1; shift ;; esac
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   # one GPU: the paper's ALFWorld setting scaled to one GPU (see README, "Reproducing the paper on one GPU").
   # Memory: fits a 24 GB card by README's memory table (derived); on 40 GB add --grad_ckpt false --micro_batch 4,
@@ -59,4 +59,5 @@ elif [ "$job" = "alfworld" ]; then
 else
   preset=(--model tiny --out_dir runs/pamoe)
 fi
+if [ "$job" = "preflight" ]; then exec "$PY" bench.py preflight "${preset[@]}" "$@"; fi
 exec "$PY" pamoe.py "${preset[@]}" "$@"

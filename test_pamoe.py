@@ -347,7 +347,7 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("minibatch", ["--minibatch", "0"]), ("max_grad_norm", ["--max_grad_norm", "0"]),
     ("lr_experts", ["--lr_experts", "-0.001"]), ("lr_router", ["--lr_router", "10"]),
     ("lr_critic", ["--lr_critic", "nan"]), ("weight_decay", ["--weight_decay", "-0.01"]),
-    ("dtype", ["--dtype", "float16"]), ("preflight", ["--preflight", "maybe"]), ("grad_ckpt", ["--grad_ckpt", "2"]),
+    ("dtype", ["--dtype", "float16"]), ("grad_ckpt", ["--grad_ckpt", "2"]),
     ("micro_batch", ["--micro_batch", "-1"]), ("micro_batch", ["--micro_batch", "1.5"]),
     ("no_such_flag", ["--no_such_flag", "1"]),
 ]
@@ -503,12 +503,12 @@ def test_a_run_killed_mid_iteration_resumes_without_duplicate_or_missing_iterati
 
 
 def test_end_to_end_training_improves_success_and_the_router_does_not_collapse(tmp_path):
-    """The CPU demo's settings, shortened: the tiny model on the toy env must solve more tasks after 12 iterations
-    than in its first ones (measured here: about 2% -> 22%; README has the full run), and the phase router must
+    """The CPU demo's settings, shortened: the tiny model on the toy env must solve more tasks in its last 3 of 16
+    iterations than in its first 3 (measured here: 2% -> 12%; README has the full run), and the phase router must
     still spread its decisions over at least 3 experts (the collapse regression: with --info_coef 0 one expert
-    takes > 95% of the steps from iteration 6 and 98% at the end, README)."""
+    takes >= 96% of the steps from iteration 7 and 98% at the end)."""
     out = str(tmp_path / "e2e")
-    pamoe.main(["--iterations", "12", "--eval_every", "0", "--ckpt_every", "100", "--out_dir", out])
+    pamoe.main(["--iterations", "16", "--eval_every", "0", "--ckpt_every", "100", "--out_dir", out])
     metrics = read_metrics(out)
     success = [m["success"] for m in metrics]
     first, last = sum(success[:3]) / 3, sum(success[-3:]) / 3
@@ -674,7 +674,7 @@ def test_probe_reads_the_task_only_through_the_goal_and_the_phase_from_the_step(
     read the goal it is given is broken), and the hidden phase is readable from the step features well above
     chance, on held-out steps."""
     import bench
-    r = bench.main(["probe", "--rollouts", "1", "--tiny_format_steps", "40", "--max_steps", "10"])
+    r = bench.main(["probe", "--rollouts", "1", "--tiny_format_steps", "40"])
     assert r["task <- obs+goal"]["accuracy"] >= 0.95 and r["task <- obs"]["accuracy"] < 0.8
     assert r["phase <- obs+goal"]["balanced"] >= r["phase <- obs+goal"]["chance"] + 0.3
 
@@ -824,10 +824,11 @@ PREFLIGHTS = {"tiny": ["--max_new_tokens", "4"],
 
 @pytest.mark.parametrize("flags", PREFLIGHTS.values(), ids=PREFLIGHTS)
 def test_preflight_reports_memory_and_time_and_trains_nothing(tmp_path, capsys, monkeypatch, hf_model, flags):
+    import bench
     monkeypatch.delenv("ALFWORLD_DATA", raising=False)
     out = str(tmp_path / "run")
-    flags = [hf_model if f == "HF" else f for f in flags] + ["--preflight"]  # a bare boolean flag means true
-    report = pamoe.main(SMALL + ["--max_prompt_tokens", "128", "--out_dir", out] + flags)
+    flags = [hf_model if f == "HF" else f for f in flags]
+    report = bench.main(["preflight"] + SMALL + ["--max_prompt_tokens", "128", "--out_dir", out] + flags)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" ")[0] for line in lines[-4:]] == ["preflight", "rollout", "PPO", "one"]
     assert "peak memory" in lines[-3] and "ms per generated token" in lines[-3] and "ms per token" in lines[-2]
