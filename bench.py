@@ -519,7 +519,7 @@ def spread(values):
 
 
 def ablation_table(results, names, seeds):
-    """Markdown: success overall and per task type, switches, phase purity, PPO ratio statistics (mean ± sd over
+    """Markdown: success overall and per task type, switches, phase NMI, PPO ratio statistics (mean ± sd over
     seeds); then expert usage per task type of every run (experts are named per run: letters do not match
     across seeds)."""
     tasks = envs.TASK_TYPES

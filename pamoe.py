@@ -24,7 +24,8 @@ Departures from the paper (README has the measurements behind each):
   label: which verbs share an expert is learnt), as in discriminative clustering (Krause et al. 2010; IIC). With
   the paper's terms alone the router collapses onto one expert in every seed. The verb of the action being taken
   routed by phase too, but the expert then decides the verb it is predicted to take: a step routed to the "go"
-  expert never tries the transform it has not yet seen, and the rare task types were learnt in 1 seed of 3.
+  expert never tries the transform it has not yet seen: 4 of 8 such runs learnt pick only (0 of 6 with the
+  previous verb).
 - Load balance: Switch Transformer's K sum_k f_k P_k with lambda_b 0.01 (paper: sum_k (P_k - 1/K)^2, 0.001;
   `--balance sq`).
 - Router input [observation ; goal context ; LSTM state] (2d+256, paper d+256); the LSTM reads [observation ;
@@ -109,15 +110,15 @@ class Args:
     # router
     router_window: int = arg(5, "L: past steps read by the router's recurrent encoder")
     router_hidden: int = arg(256, "LSTM units of the router (and critic) encoder")
-    router_layers: int = arg(3, "LSTM layers")
+    router_layers: int = arg(3, "LSTM layers of the router (the critic's encoder has one)")
     tau_start: float = arg(2.0, "router softmax temperature at the start")
     tau_end: float = arg(0.5, "router softmax temperature after --tau_steps router updates")
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly")
     switch_coef: float = arg(0.05, "lambda_s: temporal-consistency (soft switch) penalty")
     balance: str = arg("switch", "load balance loss: switch (Switch Transformer; measured best, README) | sq (paper)")
     balance_coef: float = arg(0.01, "lambda_b: weight of the balance loss (switch: the usual 1e-2; paper's sq: 1e-3)")
-    info_coef: float = arg(10.0, "lambda_i: weight of I(expert; action verb), maximised (0: the paper's objective, "
-                                 "which collapses onto one expert; README)")
+    info_coef: float = arg(10.0, "lambda_i: weight of I(expert; previous action's verb), maximised (0: the paper's "
+                                 "objective, which collapses onto one expert; README)")
     # PPO
     gamma: float = arg(0.95, "discount per environment step")
     gae_lambda: float = arg(0.95, "GAE lambda")
@@ -126,8 +127,9 @@ class Args:
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(2, "PPO epochs over each rollout")
-    minibatch: int = arg(64, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
-    micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
+    minibatch: int = arg(64, "steps per minibatch: the rollout's episodes are cut into ceil(steps / this) minibatches "
+                             "of whole episodes (at least one episode per rank each)")
+    micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = --minibatch")
     grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
@@ -897,7 +899,7 @@ def ppo_update(agent, opt, R, B, tau_state):
                 sw = summed(switch_penalty(p, p[nxt.clamp(min=0)], nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
                 balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
                 aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
-                if a.routing == "phase":  # behaviour information I(k; verb), maximised; log-ratios from the rollout
+                if a.routing == "phase":  # behaviour information I(k; last verb), maximised; rollout's log-ratios
                     info = summed((p * B["verb_logratio"][mb]).sum() / n)
                     aux_terms["info"] = -a.info_coef * info
                     stats["verb_information"].append(float(info.detach()))
@@ -905,11 +907,12 @@ def ppo_update(agent, opt, R, B, tau_state):
                 stats["router_entropy"].append(all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
-            # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's token means
-            # weighted by its share of the minibatch's response tokens. The router's gates enter them as a leaf cut
-            # from the router's graph; its summed gradient goes through the router once, at the end.
+            # The LM runs in micro-batches of --micro_batch (or --minibatch) steps (gradient accumulation), each one's
+            # token means weighted by its share of the minibatch's response tokens. The router's gates enter them as a
+            # leaf cut from the router's graph; its summed gradient goes through the router once, at the end.
             cut = None if gates is None else gates.detach().requires_grad_(gates.requires_grad)
-            parts, token_stats, mean = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None, defaultdict(float)
+            parts, token_stats = torch.arange(len(mb)).split(a.micro_batch or a.minibatch), None
+            mean = defaultdict(float)
             n_tok, checked = all_sum(sum(map(len, seqs))), defaultdict(float)  # checked: loss terms summed over parts
             if a.routing == "token" and (len(parts) > 1 or dist.is_initialized()):  # balance over all its tokens
                 with torch.no_grad():

@@ -308,6 +308,35 @@ def test_step_limit_truncates_and_phases_follow_the_solution():
         assert ("transform" in phases) == (info["task_type"] != "pick")
 
 
+def misplace(env):
+    """Take the object as the solver does, then carry it straight to the target: a win for pick, a failure else."""
+    if env.holding != env.obj:
+        return env.solve()
+    return f"move {env.obj} to {env.target}" if env.at == env.target else f"go to {env.target}"
+
+
+class MisplacingBatch(envs.ToyBatch):
+    """Toy lanes that play `misplace` whatever the model answered."""
+
+    def step(self, actions):
+        return [None if a is None else env.step(misplace(env)) for env, a in zip(self.envs, actions)]
+
+
+def test_an_untransformed_object_at_the_target_fails_the_task_and_ends_the_episode_unbootstrapped():
+    seeds = list(range(8))
+    batch = MisplacingBatch(len(seeds), max_steps=6)
+    R = pamoe.rollout(make_agent(), batch, seeds, 2.0, 1.0, greedy_router=False)
+    last = {n: i for i, n in enumerate(R["lane"])}  # each lane's final step
+    types = [R["task_type"][last[n]] for n in range(len(seeds))]
+    assert "pick" in types and set(types) - {"pick"}
+    for n, tt in enumerate(types):
+        i = last[n]
+        assert R["terminated"][i] and not R["truncated"][i] and R["won"][i] == (tt == "pick")
+        assert R["reward"][i] == (10.0 if tt == "pick" else 0.0) - 0.1 * R["invalid"][i]
+    assert R["final_window"] == {}  # termination, won or failed, never bootstraps
+    assert [R["last_verb"][i] for i, t in enumerate(R["t"]) if t == 0] == [""] * len(seeds)
+
+
 def test_prompt_holds_task_history_and_admissible_actions():
     env = envs.ToyEnv()
     obs, info = env.reset(3)
