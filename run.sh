@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # PA-MoE in one command.
 #   bash run.sh            train. CUDA: ALFWorld + Qwen2.5-1.5B-Instruct (needs the official games: ALFWORLD_DATA);
-#                          CPU: toy env + tiny model (~4.5 min on 2 cores)
+#                          CPU: toy env + tiny model (4-6 min on 2 cores)
 #   bash run.sh preflight  the same preset: one rollout step and one PPO micro-batch at the largest sizes, peak
 #                          memory and time per token, then exit (a GPU user's first command, README)
 #   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
