@@ -16,7 +16,7 @@ Run:
 
 Departures from the paper (README has the measurements behind each):
 - PPO with a turn-level critic and GAE (the brief), not GiGPO. The critic reads what the router reads, through its
-  own encoder (one LSTM layer).
+  own encoder (a copy of the router's, separately trained).
 - The router learns straight-through (gates = onehot + p - stopgrad(p)): the paper does not say how it learns
   "from the RL objective", and its released code never calls its router.
 - Behaviour information (not in the paper): the router also maximises lambda_i I(k; v), the mutual information
@@ -39,7 +39,7 @@ Departures from the paper (README has the measurements behind each):
   episodes and a uniformly random admissible label: format, no skill); no history in the prompt (the toy's
   observation tells the state); lr 1e-3 for experts and critic, 2 PPO epochs, entropy 0.01, clip 0.3 (paper 0.2),
   60 iterations. The toy (envs.py): 5 places, task mix 0.4 / 0.2 / 0.2 / 0.2, an untransformed object put at the
-  target fails the task. PPO minibatches hold whole episodes (the switch penalty's pairs stay together).
+  target fails the task.
 """
 import argparse
 import contextlib
@@ -110,7 +110,7 @@ class Args:
     # router
     router_window: int = arg(5, "L: past steps read by the router's recurrent encoder")
     router_hidden: int = arg(256, "LSTM units of the router (and critic) encoder")
-    router_layers: int = arg(3, "LSTM layers of the router (the critic's encoder has one)")
+    router_layers: int = arg(3, "LSTM layers of the router and of the critic's encoder")
     tau_start: float = arg(2.0, "router softmax temperature at the start")
     tau_end: float = arg(0.5, "router softmax temperature after --tau_steps router updates")
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly")
@@ -127,9 +127,8 @@ class Args:
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(2, "PPO epochs over each rollout")
-    minibatch: int = arg(64, "steps per minibatch: the rollout's episodes are cut into ceil(steps / this) minibatches "
-                             "of whole episodes (at least one episode per rank each)")
-    micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = --minibatch")
+    minibatch: int = arg(64, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
+    micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
     grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
@@ -458,7 +457,7 @@ def mean_pool(states, mask):
     return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-# --- Phase router and critic: one step encoder class, separate parameters (the critic with one LSTM layer) ----------
+# --- Phase router and critic: one step encoder class, separate parameters -------------------------------------------
 class StepHead(nn.Module):
     """Frozen step features -> out_dim outputs (router logits, or a value).
     window (B, L, 2d): [observation ; previous action] features of the last L steps, zeros before the episode;
@@ -617,7 +616,7 @@ class Agent(nn.Module):
         d, K = self.lm.config.hidden_size, args.experts[0]
         step_routed = args.routing in ("phase", "trajectory")
         self.router = StepHead(d, K, args.router_hidden, args.router_layers).to(device) if step_routed else None
-        self.critic = StepHead(d, 1, args.router_hidden, 1).to(device)
+        self.critic = StepHead(d, 1, args.router_hidden, args.router_layers).to(device)
 
     def param_groups(self):
         a = self.args
@@ -874,29 +873,24 @@ def ppo_update(agent, opt, R, B, tau_state):
     a, dev = agent.args, agent.device
     stats = defaultdict(list)
     router_params = list(agent.router.parameters()) if agent.router is not None else []
-    # Minibatches of whole episodes (as recurrent PPO does), so that the step after each step is in its minibatch
-    # for the switch penalty; each rank cuts its episodes into the number of minibatches the whole rollout needs.
-    episodes = defaultdict(list)
-    for i, n in enumerate(R["lane"]):
-        episodes[n].append(i)
-    episodes = list(episodes.values())
-    cuts = min(math.ceil(all_sum(len(R["seq"])) / a.minibatch), *all_gather(len(episodes)))
+    sizes = all_gather(len(R["seq"]))
     for epoch in range(a.epochs):
-        for step, group in enumerate(torch.randperm(len(episodes)).tensor_split(cuts)):
-            mb = torch.tensor([i for e in group.tolist() for i in episodes[e]])
+        for step, mb in enumerate(torch.randperm(len(R["seq"])).tensor_split(
+                min(math.ceil(sum(sizes) / a.minibatch), *sizes))):
             seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
             mb, n, tokens = mb.to(dev), all_sum(len(mb)), all_sum(sum(rl))  # steps and response tokens of all ranks
             lanes, k = B["lanes"][mb], B["k"][mb]
             aux_terms, gates = {}, step_gates_for(agent, mb, B["k"])
             if agent.router is not None:
                 tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
-                p = router_probs(agent.router, R["table"][B["router_windows"][mb]], R["goal_states"][lanes],
-                                 R["goal_mask"][lanes], tau)  # (B, K)
+                nxt = B["next"][mb]  # the step after each step (-1 at an episode's end); the router reads both
+                wins = torch.cat([B["router_windows"][mb], B["router_windows"][nxt.clamp(min=0)]])
+                gl = torch.cat([lanes, lanes])
+                p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl],
+                                         tau).chunk(2)  # (B, K) each
                 gates = step_gates(p, k)
-                at = torch.full((len(R["seq"]),), -1, device=dev).index_put_((mb,), torch.arange(len(mb), device=dev))
-                nxt = torch.where(B["next"][mb] >= 0, at[B["next"][mb]], -1)  # the next step's place in mb, or -1
                 pairs = (nxt >= 0).sum()
-                sw = summed(switch_penalty(p, p[nxt.clamp(min=0)], nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
+                sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
                 balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
                 aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
                 if a.routing == "phase":  # behaviour information I(k; last verb), maximised; rollout's log-ratios
@@ -907,11 +901,11 @@ def ppo_update(agent, opt, R, B, tau_state):
                 stats["router_entropy"].append(all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
-            # The LM runs in micro-batches of --micro_batch (or --minibatch) steps (gradient accumulation), each one's
+            # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's
             # token means weighted by its share of the minibatch's response tokens. The router's gates enter them as a
             # leaf cut from the router's graph; its summed gradient goes through the router once, at the end.
             cut = None if gates is None else gates.detach().requires_grad_(gates.requires_grad)
-            parts, token_stats = torch.arange(len(mb)).split(a.micro_batch or a.minibatch), None
+            parts, token_stats = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None
             mean = defaultdict(float)
             n_tok, checked = all_sum(sum(map(len, seqs))), defaultdict(float)  # checked: loss terms summed over parts
             if a.routing == "token" and (len(parts) > 1 or dist.is_initialized()):  # balance over all its tokens
