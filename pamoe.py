@@ -25,7 +25,7 @@ Departures from the paper (README has the measurements behind each):
   the paper's terms alone the router collapses onto one expert in every seed. The verb of the action being taken
   routed by phase too, but the expert then decides the verb it is predicted to take: a step routed to the "go"
   expert never tries the transform it has not yet seen: 4 of 8 such runs learnt no rare type (every one <= 0.04),
-  none of 9 with the previous verb.
+  none of 12 with the previous verb.
 - Load balance: Switch Transformer's K sum_k f_k P_k with lambda_b 0.01 (paper: sum_k (P_k - 1/K)^2, 0.001;
   `--balance sq`).
 - Router input [observation ; goal context ; LSTM state] (2d+256, paper d+256); the LSTM reads [observation ;
