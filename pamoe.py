@@ -901,12 +901,11 @@ def ppo_update(agent, opt, R, B, tau_state):
                 stats["router_entropy"].append(all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n)
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
-            # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's
-            # token means weighted by its share of the minibatch's response tokens. The router's gates enter them as a
-            # leaf cut from the router's graph; its summed gradient goes through the router once, at the end.
+            # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's token means
+            # weighted by its share of the minibatch's response tokens. The router's gates enter them as a leaf cut
+            # from the router's graph; its summed gradient goes through the router once, at the end.
             cut = None if gates is None else gates.detach().requires_grad_(gates.requires_grad)
-            parts, token_stats = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None
-            mean = defaultdict(float)
+            parts, token_stats, mean = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None, defaultdict(float)
             n_tok, checked = all_sum(sum(map(len, seqs))), defaultdict(float)  # checked: loss terms summed over parts
             if a.routing == "token" and (len(parts) > 1 or dist.is_initialized()):  # balance over all its tokens
                 with torch.no_grad():
