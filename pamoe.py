@@ -639,9 +639,8 @@ class Agent(nn.Module):
         prompt without history is too long, the tokenizer cuts its left end (truncation_side left)."""
         for keep in range(min(self.args.history, len(history)), -1, -1):
             text = self.format_prompt(step_prompt(self.args, info, obs, history, t, keep))
-            if len(self.tok(text, add_special_tokens=False).input_ids) <= self.args.max_prompt_tokens:
-                return text
-        return text
+            if keep == 0 or len(self.tok(text, add_special_tokens=False).input_ids) <= self.args.max_prompt_tokens:
+                return text  # keep 0: nothing left to drop; the tokenizer cuts the left end if it must
 
     def response_logprobs(self, seqs, prompt_lens, resp_lens, temperature, gates, experts_on=True):
         """Log-probs (B, R) and entropies (B, R) of each response token at the sampling temperature, from one
