@@ -465,7 +465,8 @@ def run_ablation(opts, passthrough, command):
     pamoe.parse_args(passthrough + ["--iterations", str(opts.iterations)])  # bad pamoe flags stop here, not 15x
     jobs = [(n, s, os.path.join(opts.out_dir, f"{n}-seed{s}")) for n in names for s in seeds]
     jobs = [(n, s, out, run_args(n, s, out, opts, passthrough)) for n, s, out in jobs]
-    todo = [j for j in jobs if final_metrics(j[2], j[3]) is None]
+    # dense runs last: the cheapest (no router), they fill the gaps the others leave at the end
+    todo = sorted((j for j in jobs if final_metrics(j[2], j[3]) is None), key=lambda j: j[0] == "dense")
     workers = opts.jobs or max(1, min(len(todo), os.cpu_count() or 1))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
     print(f"ablation: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {workers} at a time, "
