@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ def bench_model(size, device, dtype, K, rank, warmup, repeats, gen_tokens):
 
 def bench_agent(device, K, rank, warmup, repeats):
     """The `tiny` agent on the toy env: env steps/s of a rollout (experts off vs routed), one PPO update."""
-    args = pamoe.parse_args(["--device", device.type, "--tiny_format_steps", "0", "--num_experts", str(K),
+    args = pamoe.parse_args(["--device", device.type, "--tiny_steps", "0", "--num_experts", str(K),
                              "--rank", str(rank)])
     torch.manual_seed(0)
     agent = pamoe.Agent(args, device)
@@ -421,25 +422,82 @@ def derive(rows, sizes, opts):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The routing ablation: pamoe.py runs in subprocesses, then one markdown table
+# Statistics over seeds, for every comparison the project reports (Agarwal et al. 2021, "Deep reinforcement
+# learning at the edge of the statistical precipice": interval estimates, IQM, probability of improvement)
 # ---------------------------------------------------------------------------------------------------------
-ABLATION = {"dense": ["--routing", "dense"], "token": ["--routing", "token"], "trajectory": ["--routing", "trajectory"],
-            "phase": ["--routing", "phase"]}
+RESAMPLES = 10_000
 
 
-RESERVED = ("--routing", "--seed", "--iterations", "--eval_every", "--eval_episodes", "--out_dir",
-            "--resume")  # set by the ablation itself
+def mean(x):
+    return np.mean(x, axis=-1)
 
 
-def run_args(name, seed, out, opts, passthrough):
-    """pamoe.py's arguments of one ablation run (without --resume)."""
-    return [*passthrough, *ABLATION[name], "--seed", str(seed), "--iterations", str(opts.iterations),
-            "--eval_every", str(opts.eval_every), "--eval_episodes", str(opts.eval_episodes), "--out_dir", out]
+def iqm(x):
+    """Interquartile mean over the last axis: the mean of the middle half of the runs (a quarter cut at each end)."""
+    x = np.sort(x, axis=-1)
+    cut = int(0.25 * x.shape[-1])
+    return x[..., cut:x.shape[-1] - cut].mean(-1)
 
 
-def final_metrics(out_dir, args):
-    """A run made with exactly these arguments and finished: its last metrics line (with the evaluation) and all its
-    lines; else None."""
+def resample(x, seed):
+    """RESAMPLES bootstrap resamples of the runs x (n,), drawn with replacement: (RESAMPLES, n)."""
+    x = np.asarray(x, dtype=float)
+    return x[np.random.default_rng(seed).integers(0, len(x), (RESAMPLES, len(x)))]
+
+
+def interval(x, stat=mean, seed=0):
+    """95% percentile-bootstrap interval of stat over the runs x."""
+    return tuple(np.percentile(stat(resample(x, seed)), [2.5, 97.5]))
+
+
+def difference(x, y, stat=mean):
+    """stat(x) - stat(y) and its 95% bootstrap interval, the runs of the two arms resampled independently."""
+    d = stat(resample(x, 1)) - stat(resample(y, 2))
+    return float(stat(np.asarray(x, dtype=float)) - stat(np.asarray(y, dtype=float))), tuple(np.percentile(d, [2.5, 97.5]))
+
+
+def improvement(x, y):
+    """P(X > Y), the probability that a run of arm x beats a run of arm y (the Mann-Whitney statistic, ties count
+    half), and its 95% bootstrap interval."""
+    def p(a, b):
+        a, b = a[..., :, None], b[..., None, :]
+        return ((a > b) + 0.5 * (a == b)).mean((-2, -1))
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(p(x, y)), tuple(np.percentile(p(resample(x, 1), resample(y, 2)), [2.5, 97.5]))
+
+
+def verdict(x, y, names):
+    """What the interval of mean(x) - mean(y) allows one to say."""
+    d, (lo, hi) = difference(x, y)
+    if lo > 0 or hi < 0:
+        return f"{names[0]} {'better' if lo > 0 else 'worse'} than {names[1]} by {abs(d):.2f} [{lo:+.2f}, {hi:+.2f}]"
+    return (f"{names[0]} and {names[1]} indistinguishable: difference {d:+.2f} [{lo:+.2f}, {hi:+.2f}]; the data rule "
+            f"out {names[0]} better by more than {hi:.2f} or worse by more than {max(0.0, -lo):.2f}")
+
+
+def ci(x, stat=mean):
+    """'m [lo, hi]' of runs x."""
+    x = [v for v in x if v is not None and not np.isnan(v)]
+    if not x:
+        return "-"
+    lo, hi = interval(x, stat)
+    return f"{float(stat(np.asarray(x))):.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The routing ablation: pamoe.py runs in subprocesses, then the tables
+# ---------------------------------------------------------------------------------------------------------
+def arms(K, r):
+    """The paper's granularity ablation plus one LoRA of the experts' total size."""
+    return {"dense": ["--routing", "dense"], f"dense r={K * r}": ["--routing", "dense", "--dense_rank", str(K * r)],
+            "trajectory": ["--routing", "trajectory"], "token": ["--routing", "token"], "phase": ["--routing", "phase"]}
+
+
+RESERVED = ("--routing", "--dense_rank", "--seed", "--out_dir", "--resume", "--model")  # set by the ablation itself
+
+
+def finished(out_dir, args):
+    """A run made with exactly these arguments and finished: all its metrics lines; else None."""
     try:
         with open(os.path.join(out_dir, "args.json")) as f:
             same = json.load(f) == args
@@ -447,31 +505,71 @@ def final_metrics(out_dir, args):
             lines = [json.loads(line) for line in f]
     except FileNotFoundError:
         return None
-    done = same and lines and lines[-1]["iteration"] == int(args[args.index("--iterations") + 1]) \
-        and "eval/success" in lines[-1]
-    return (lines[-1], lines) if done else None
+    done = same and lines and lines[-1]["iteration"] == pamoe.parse_args(args).iterations and "eval/success" in lines[-1]
+    return lines if done else None
+
+
+def save_base(a, folder):
+    """The frozen `tiny` base of a seed, built and warmed up once and saved as a Hugging Face folder: every routing
+    of that seed loads it (--model folder) instead of repeating the warm-up; pamoe.Agent seeds the experts alike."""
+    record = {k: getattr(a, k) for k in ("env", "seed", "tiny_steps", "tiny_prior", "max_steps", "history",
+                                         "action_format", "alfworld_data")}
+    record["code"] = [open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)).read() for f in
+                      ("pamoe.py", "envs.py")]
+    path = os.path.join(folder, "base.json")
+    if os.path.exists(path) and json.load(open(path)) == record:
+        return
+    pamoe.seed_everything(a.seed)
+    model, tok = pamoe.load_model(a, torch.device("cpu"))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    with open(path, "w") as f:
+        json.dump(record, f)
 
 
 def run_ablation(opts, passthrough, command):
-    names = opts.routings.split(",")
-    unknown = [n for n in names if n not in ABLATION]
-    if unknown:
-        raise SystemExit(f"bench.py: error: unknown --routings {unknown}; use {','.join(ABLATION)}")
+    base_args = pamoe.parse_args(passthrough)  # bad pamoe flags stop here, not 40 times
+    K, r = base_args.num_experts, base_args.rank
+    table, names = arms(K, r), opts.routings.split(",") if opts.routings else list(arms(K, r))
+    unknown = [n for n in names if n not in table]
     clash = [f for f in passthrough if f.split("=")[0] in RESERVED]
-    if clash or opts.iterations < 1 or opts.eval_every < 1:
-        raise SystemExit(f"bench.py: error: the ablation sets {', '.join(RESERVED)} itself (got {clash}); use "
-                         "--routings, --seeds, --iterations >= 1, --eval_every >= 1 and --eval_episodes of bench.py")
-    seeds = [int(s) for s in opts.seeds.split(",")]
-    pamoe.parse_args(passthrough + ["--iterations", str(opts.iterations)])  # bad pamoe flags stop here, not 15x
-    jobs = [(n, s, os.path.join(opts.out_dir, f"{n}-seed{s}")) for n in names for s in seeds]
-    jobs = [(n, s, out, run_args(n, s, out, opts, passthrough)) for n, s, out in jobs]
-    # dense runs last: the cheapest (no router), they fill the gaps the others leave at the end
-    todo = sorted((j for j in jobs if final_metrics(j[2], j[3]) is None), key=lambda j: j[0] == "dense")
+    need = [f"unknown --routings {unknown}; use {', '.join(table)}"] if unknown else []
+    need += [f"the ablation sets {', '.join(RESERVED)} itself (got {', '.join(clash)})"] if clash else []
+    if need:
+        raise SystemExit(f"bench.py: error: {'; '.join(need)}")
+    seeds, t0 = [int(s) for s in opts.seeds.split(",")], time.time()
+    if base_args.model == "tiny":  # one warmed-up base per seed, shared by the arms
+        for s in seeds:
+            save_base(pamoe.parse_args([*passthrough, "--seed", str(s)]), os.path.join(opts.out_dir, f"base-seed{s}"))
+    model = {s: ["--model", os.path.join(opts.out_dir, f"base-seed{s}")] if base_args.model == "tiny" else []
+             for s in seeds}
+    jobs = [(n, s, os.path.join(opts.out_dir, f"{n.replace(' ', '-').replace('=', '')}-seed{s}")) for s in seeds
+            for n in names]
+    jobs = [(n, s, out, [*passthrough, *table[n], *model[s], "--seed", str(s), "--out_dir", out]) for n, s, out in jobs]
+    todo = [j for j in jobs if finished(j[2], j[3]) is None]
     workers = opts.jobs or max(1, min(len(todo), os.cpu_count() or 1))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
-    print(f"ablation: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {workers} at a time, "
-          f"{opts.iterations} iterations each -> {opts.out_dir}", flush=True)
-    t0, running, failed = time.time(), [], []
+    print(f"ablation: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {workers} at a time -> {opts.out_dir}"
+          f" (bases {time.time() - t0:.0f} s)", flush=True)
+    run_jobs(todo, workers, env, t0)
+    results = {(n, s): finished(out, args) for n, s, out, args in jobs}
+    missing = [f"{n} seed {s}" for (n, s), lines in results.items() if lines is None]
+    if missing:
+        raise SystemExit(f"bench.py: error: ablation runs without results: {missing}; rerun the same command to "
+                         f"resume them (their logs: stdout.log in each run's folder)")
+    report = (f"Routing ablation, {time.strftime('%Y-%m-%d')}: `{command}` ({len(seeds)} seeds, "
+              f"{(time.time() - t0) / 60:.1f} min wall for the runs not already done)\n\n"
+              + ablation_tables(results, names, seeds))
+    with open(os.path.join(opts.out_dir, "ablation.md"), "w") as f:
+        f.write(report + "\n")
+    print(report)
+    return results
+
+
+def run_jobs(todo, workers, env, t0):
+    """Run pamoe.py for each (name, seed, out_dir, args), `workers` at a time; a run interrupted earlier resumes from
+    its checkpoint if its arguments are the same."""
+    running = []
     while todo or running:
         while todo and len(running) < workers:
             name, seed, out, args = todo.pop(0)
@@ -493,64 +591,85 @@ def run_ablation(opts, passthrough, command):
             running.remove(job)
             job[4].close()
             status = "done" if job[3].returncode == 0 else f"FAILED (exit {job[3].returncode}, see {job[2]}/stdout.log)"
-            if job[3].returncode:
-                failed.append(job[2])
             print(f"  {job[0]} seed {job[1]}: {status} at {(time.time() - t0) / 60:.1f} min", flush=True)
-    results = {(n, s): final_metrics(out, args) for n, s, out, args in jobs}
-    missing = [f"{n} seed {s}" for (n, s), r in results.items() if r is None]
-    if missing:
-        raise SystemExit(f"bench.py: error: ablation runs without results: {missing}; rerun the same command to "
-                         f"resume them (their logs: {failed})")
-    table = ablation_table(results, names, seeds)
-    header = (f"Routing ablation, {time.strftime('%Y-%m-%d')}: `{command}`"
-              f" ({opts.iterations} iterations per run, {len(seeds)} seeds, evaluation on {opts.eval_episodes} fixed "
-              f"episodes at the end; {(time.time() - t0) / 60:.1f} min wall for the runs not already done)\n\n")
-    with open(os.path.join(opts.out_dir, "ablation.md"), "w") as f:
-        f.write(header + table + "\n")
-    print(header + table)
-    return results
 
 
-def spread(values):
-    """'mean ± sd' over seeds (sample standard deviation)."""
-    values = [v for v in values if v is not None and not np.isnan(v)]
-    if not values:
-        return "-"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+def run_summary(lines):
+    """One run's numbers: final evaluation (overall and per task type), the evaluation at the middle of the budget,
+    the area under the evaluation curve (trapezoids, divided by the iterations: a mean success over training), the
+    routing statistics, and the mechanism diagnostics averaged over the evaluated training iterations."""
+    evals = [m for m in lines if "eval/success" in m]
+    its, succ = np.array([m["iteration"] for m in evals]), np.array([m["eval/success"] for m in evals])
+    final, mid = evals[-1], evals[int(np.argmin(np.abs(its - its[-1] / 2)))]
+    out = {"final": final["eval/success"], "mid": mid["eval/success"], "mid_iteration": mid["iteration"],
+           "auc": float(np.sum((succ[1:] + succ[:-1]) / 2 * np.diff(its)) / (its[-1] - its[0])),
+           **{t: final.get(f"eval/success/{t}") for t in envs.TASK_TYPES},
+           "switches": final["eval/switches"], "phase_nmi": final["eval/phase_nmi"],
+           "experts_used": sum(v >= 0.05 for k, v in final.items() if k.startswith("eval/expert_share/")),
+           "clipfrac": np.mean([m["clipfrac"] for m in lines if "clipfrac" in m])}
+    diag = [m for m in evals if any(k.startswith("occupancy/") for k in m)]
+    occ = defaultdict(list)  # expert -> its occupancy by task type at each evaluated iteration it got steps in
+    for m in diag:
+        for e in sorted({k.split("/")[1] for k in m if k.startswith("occupancy/")}):
+            occ[e].append([m.get(f"occupancy/{e}/{t}", 0.0) for t in envs.TASK_TYPES])
+    # each run's experts ordered from the most to the least pick-heavy (letters mean nothing across runs)
+    rows = sorted((np.mean(v, axis=0) for v in occ.values()), key=lambda row: -row[envs.TASK_TYPES.index("pick")])
+    out["occupancy"] = [dict(zip(envs.TASK_TYPES, map(float, row))) for row in rows]
+    conflict = [m[k] for m in diag for k in m if k.startswith("conflict/") and not np.isnan(m[k])]
+    out["conflict"] = float(np.mean(conflict)) if conflict else None
+    return out
 
 
-def ablation_table(results, names, seeds):
-    """Markdown: success overall and per task type, switches, phase NMI, PPO ratio statistics (mean ± sd over
-    seeds); then expert usage per task type of every run (experts are named per run: letters do not match
-    across seeds)."""
-    tasks = envs.TASK_TYPES
-    cols = ["routing", "success", *tasks, "switches / episode", "phase NMI", "task NMI", "experts >= 5%",
-            "clip fraction", "ratio variance"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+def ablation_tables(results, names, seeds):
+    """Markdown: per arm, means over seeds with 95% bootstrap intervals (final, mid-budget, area under the curve),
+    IQM, per task type; phase against every other arm (difference of means, probability of improvement); the
+    mechanism diagnostics (occupancy, conflict)."""
+    runs = {n: [run_summary(results[(n, s)]) for s in seeds] for n in names}
+    mid_it = runs[names[0]][0]["mid_iteration"]
+    out = [f"Success at the final evaluation, at iteration {mid_it} (mid-budget) and the area under the evaluation "
+           f"curve (mean success over training); mean over seeds [95% bootstrap interval]:", "",
+           "| routing | final | final IQM | final sd | mid-budget | area under curve | " + " | ".join(envs.TASK_TYPES)
+           + " | switches / episode | phase NMI | experts >= 5% | clip fraction |", "|" + "---|" * 14]
     for n in names:
-        finals = [results[(n, s)][0] for s in seeds]
-        train = [results[(n, s)][1] for s in seeds]
-
-        def over_training(key):  # mean over a run's iterations, per seed
-            return [np.mean([m[key] for m in lines]) if key in lines[0] else None for lines in train]
-        cells = [n, spread([m["eval/success"] for m in finals]),
-                 *[spread([m.get(f"eval/success/{t}") for m in finals]) for t in tasks],
-                 spread([m["eval/switches"] for m in finals]), spread([m["eval/phase_nmi"] for m in finals]),
-                 spread([m["eval/task_nmi"] for m in finals]),
-                 spread([sum(v >= 0.05 for k, v in m.items() if k.startswith("eval/expert_share/")) for m in finals]),
-                 spread(over_training("clipfrac")), spread(over_training("ratio_var"))]
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", "Expert usage per task type at the final evaluation (experts with >= 5% of the task's steps):", "",
-            "| routing | seed | " + " | ".join(tasks) + " |", "|" + "---|" * (2 + len(tasks))]
-    for n in names:
-        for s in seeds:
-            m = results[(n, s)][0]
+        R = runs[n]
+        col = {key: [r[key] for r in R] for key in R[0] if key not in ("occupancy",)}
+        out.append(f"| {n} | {ci(col['final'])} | {ci(col['final'], iqm)} | {np.std(col['final'], ddof=1):.2f} | "
+                   f"{ci(col['mid'])} | {ci(col['auc'])} | "
+                   + " | ".join(f"{np.mean(v):.2f}" if (v := [x for x in col[t] if x is not None]) else "-"
+                                for t in envs.TASK_TYPES)
+                   + f" | {np.mean(col['switches']):.1f} | {np.mean(col['phase_nmi']):.2f} | "
+                   f"{np.mean(col['experts_used']):.1f} | {np.mean(col['clipfrac']):.2f} |")
+    if "phase" in names:
+        out += ["", "Phase routing against each arm: difference of the means [95% interval], probability that a phase "
+                "run beats a run of the arm, P(phase > arm) [95% interval]:", "",
+                "| arm | final | mid-budget | area under curve | P(phase > arm), area |", "|---|---|---|---|---|"]
+        ph = runs["phase"]
+        for n in names:
+            if n == "phase":
+                continue
             cells = []
-            for t in tasks:
-                use = sorted(((v, k.split("/")[-1]) for k, v in m.items() if k.startswith(f"eval/usage/{t}/")),
-                             reverse=True)
-                cells.append(" ".join(f"{e} {v:.2f}" for v, e in use if v >= 0.05) or "-")
-            out.append(f"| {n} | {s} | " + " | ".join(cells) + " |")
+            for key in ("final", "mid", "auc"):
+                d, (lo, hi) = difference([r[key] for r in ph], [r[key] for r in runs[n]])
+                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            p, (lo, hi) = improvement([r["auc"] for r in ph], [r["auc"] for r in runs[n]])
+            out.append(f"| {n} | " + " | ".join(cells) + f" | {p:.2f} [{lo:.2f}, {hi:.2f}] |")
+        if "dense" in names:
+            out += ["", "Verdict (area under the curve): " + verdict([r["auc"] for r in ph],
+                                                                    [r["auc"] for r in runs["dense"]],
+                                                                    ("phase routing", "one LoRA")),
+                    "Verdict (final): " + verdict([r["final"] for r in ph], [r["final"] for r in runs["dense"]],
+                                                  ("phase routing", "one LoRA"))]
+    out += ["", "Mechanism diagnostics over the evaluated iterations (mean over seeds): each task type's share of an "
+            "expert's policy-gradient norm (occupancy; a run's experts ordered from the most to the least pick-heavy, "
+            "experts that got no step left out) and the mean cosine between the task types' gradients (conflict):", "",
+            "| routing | expert | " + " | ".join(envs.TASK_TYPES) + " | runs | conflict |", "|" + "---|" * 8]
+    for n in names:
+        R, conflict = runs[n], ci([r["conflict"] for r in runs[n]])
+        for rank in range(max(len(r["occupancy"]) for r in R)):
+            have = [r["occupancy"][rank] for r in R if len(r["occupancy"]) > rank]
+            out.append(f"| {n if rank == 0 else ''} | {rank + 1} | "
+                       + " | ".join(f"{np.mean([h[t] for h in have]):.2f}" for t in envs.TASK_TYPES)
+                       + f" | {len(have)} | {conflict if rank == 0 else ''} |")
     return "\n".join(out)
 
 
@@ -694,11 +813,9 @@ def main(argv=None):
         if min(opts.repeats, opts.experts, opts.rank, opts.gen_tokens) < 1 or opts.warmup < 0:
             parser.error("--repeats, --experts, --rank and --gen_tokens must be >= 1, --warmup >= 0")
         return bench(opts)
-    parser.add_argument("--routings", default=",".join(ABLATION), help="comma list of " + ",".join(ABLATION))
-    parser.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
-    parser.add_argument("--iterations", type=int, default=60, help="iterations per run (the demo's budget)")
-    parser.add_argument("--eval_every", type=int, default=10, help="evaluate every N iterations, as the demo does")
-    parser.add_argument("--eval_episodes", type=int, default=64, help="evaluation episodes (the demo's)")
+    parser.add_argument("--routings", default="", help="comma list of dense, 'dense r=<K*r>', trajectory, token, "
+                        "phase (default: all)")
+    parser.add_argument("--seeds", default="1,2,3,4,5,6,7,8", help="comma list of seeds")
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")
     parser.add_argument("--out_dir", default="runs/ablation", help="one folder per run + ablation.md")
     opts, passthrough = parser.parse_known_args(rest)

@@ -161,6 +161,10 @@ class ToyBatch:
         """Phase label of a step (analysis only): the phase of the state the agent acted in."""
         return info["phase"]
 
+    def solve(self, n):
+        """The scripted solver's next command in lane n (the `tiny` warm-up's prior; the toy only)."""
+        return self.envs[n].solve()
+
     def close(self):
         pass
 

@@ -86,19 +86,25 @@ class Args:
     dtype: str = arg("auto", "weights of the frozen base: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
     out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log and checkpoint.pt go")
-    resume: str = arg("", "checkpoint to resume from (continues to --iterations)")
-    iterations: int = arg(60, "training iterations (one rollout + one PPO update each)")
+    resume: str = arg("", "checkpoint to resume from (continues to --iterations), or to evaluate / export")
+    eval_only: bool = arg(False, "with --resume: evaluate the checkpoint (on --eval_split, --eval_episodes) into "
+                                 "<out_dir>/eval.json, train nothing; every other flag as it was trained")
+    show: int = arg(0, "with --eval_only: print this many whole evaluation episodes, step by step")
+    export: str = arg("", "with --resume: write the experts as PEFT LoRA adapters and the router to this folder")
+    iterations: int = arg(40, "training iterations (one rollout + one PPO update each)")
     num_envs: int = arg(32, "environments stepped in lockstep per iteration (one episode each)")
-    max_steps: int = arg(20, "step limit per episode (truncation, bootstrapped)")
+    max_steps: int = arg(15, "step limit per episode (truncation, bootstrapped)")
     history: int = arg(0, "past observation/action pairs shown in the prompt (paper: 2; the toy needs none)")
     max_prompt_tokens: int = arg(2048, "prompt limit: the oldest history is dropped to fit, then the left is cut")
     action_format: str = arg("label", "label (number of an admissible action) | tagged (<think>/<action>)")
     max_new_tokens: int = arg(1, "response length limit per step (512 for the tagged format)")
-    tiny_format_steps: int = arg(150, "`tiny` only: supervised steps teaching the base the answer format")
+    tiny_steps: int = arg(400, "`tiny` only: supervised steps on the base before it is frozen (format and prior)")
+    tiny_prior: float = arg(0.15, "`tiny`: the toy solver's share q of the warm-up's answers, a weak prior of every "
+                                  "task type (0, and always on ALFWorld, which has no solver: the answer format only)")
     temperature: float = arg(1.0, "rollout sampling temperature (also the temperature of PPO log-probs)")
     eval_temperature: float = arg(0.4, "evaluation sampling temperature")
     eval_every: int = arg(10, "evaluate every N iterations (and after the last); 0 = never")
-    eval_episodes: int = arg(64, "evaluation episodes, on a fixed set of seeds")
+    eval_episodes: int = arg(128, "evaluation episodes, on a fixed set of seeds")
     ckpt_every: int = arg(10, "checkpoint every N iterations (and after the last)")
     # experts
     routing: str = arg("phase", "phase | token | trajectory | dense (the paper's granularity ablation)")
@@ -109,8 +115,8 @@ class Args:
     targets: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated names of the linear layers given experts")
     # router
     router_window: int = arg(5, "L: past steps read by the router's recurrent encoder")
-    router_hidden: int = arg(256, "LSTM units of the router (and critic) encoder")
-    router_layers: int = arg(3, "LSTM layers of the router and of the critic's encoder")
+    router_hidden: int = arg(64, "LSTM units of the router (and critic) encoder (paper: 256)")
+    router_layers: int = arg(1, "LSTM layers of the router and of the critic's encoder (paper: 3)")
     tau_start: float = arg(2.0, "router softmax temperature at the start")
     tau_end: float = arg(0.5, "router softmax temperature after --tau_steps router updates")
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly")
@@ -126,14 +132,15 @@ class Args:
     kl_coef: float = arg(0.01, "KL to the reference policy (experts off), k3 estimator")
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
-    epochs: int = arg(2, "PPO epochs over each rollout")
-    minibatch: int = arg(64, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
+    epochs: int = arg(1, "PPO epochs over each rollout (paper pipeline: 1)")
+    minibatch: int = arg(32, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
     micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
     grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
     lr_router: float = arg(1e-4, "learning rate of the router (paper: 1e-4)")
     lr_critic: float = arg(1e-3, "learning rate of the critic")
+    anneal_lr: bool = arg(True, "learning rates decay linearly to 0 over --iterations (cleanrl's PPO default)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
 
     def validate(self, games=True):
@@ -160,19 +167,27 @@ class Args:
         world = rank_world()[1]  # torchrun's processes share the environments and the evaluation episodes
         need(min(self.num_envs, self.eval_episodes if self.eval_every else world) >= world, f"--num_envs "
              f"{self.num_envs} and --eval_episodes {self.eval_episodes}: too few for {world} processes; use >= {world}")
-        need(self.router_window <= self.max_steps, f"--router_window {self.router_window} is longer than an episode "
-             f"(--max_steps {self.max_steps}); use --router_window <= {self.max_steps}")
         need(self.action_format == "label" or self.max_new_tokens >= 16, f"--max_new_tokens {self.max_new_tokens} "
              f"cannot hold a tagged answer (<think></think><action>1</action>: ~15 tokens); use >= 16 (paper: 512)")
         need(all(t.isidentifier() for t in self.targets.split(",")),
              f"--targets {self.targets!r}: give module names separated by commas only, e.g. q_proj,v_proj")
         need(not (self.model.startswith(("/", ".")) or os.path.exists(self.model)) or os.path.isdir(self.model),
              f"--model {self.model}: no such folder; give a model folder, a Hugging Face name or tiny")
-        parent = self.out_dir  # the nearest existing folder must be writable
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        need(self.out_dir and os.path.isdir(parent or ".") and os.access(parent or ".", os.W_OK),
-             f"--out_dir {self.out_dir!r}: not a folder that can be created and written; choose another one")
+        for flag in ("out_dir", "export") if self.export else ("out_dir",):
+            folder = getattr(self, flag)
+            try:  # created now: a folder that cannot be made (read-only, under /proc, a file) stops the run here
+                os.makedirs(folder, exist_ok=True)
+                writable = os.access(folder, os.W_OK)
+            except OSError:
+                writable = False
+            need(folder and writable, f"--{flag} {folder!r}: not a folder that can be created and written; choose "
+                 f"another one")
+        need(not self.show or self.eval_only, f"--show {self.show} prints episodes of an evaluation: add --eval_only "
+             f"--resume <checkpoint>")
+        need(not (self.eval_only and self.eval_episodes == 0), "--eval_only with --eval_episodes 0 evaluates nothing; "
+             "set --eval_episodes >= 1")
+        need(not self.export or self.routing != "token", "--export: token routing picks an expert per token and layer, "
+             "which no per-request adapter can serve; export a phase, trajectory or dense run")
         need(not self.resume or os.path.isfile(self.resume),
              f"--resume {self.resume}: no such file; point it at a checkpoint.pt or drop the flag")
         need(self.device != "cuda" or torch.cuda.is_available(),
@@ -192,8 +207,8 @@ class Args:
 RANGES = {
     "seed": "[0, 4294967295]", "iterations": "[0, inf)", "num_envs": "[1, 4096]", "max_steps": "[1, 1000]",
     "history": "[0, 1000]", "max_prompt_tokens": "[64, 131072]", "max_new_tokens": "[1, 8192]",
-    "tiny_format_steps": "[0, 100000]", "temperature": "(0, inf)", "eval_temperature": "(0, inf)",
-    "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "ckpt_every": "[1, inf)", "num_experts": "[1, 16]",
+    "tiny_steps": "[0, 100000]", "tiny_prior": "[0, 1]", "temperature": "(0, inf)", "eval_temperature": "(0, inf)",
+    "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "show": "[0, 4096]", "ckpt_every": "[1, inf)", "num_experts": "[1, 16]",
     "rank": "[1, 1024]", "alpha": "(0, inf)", "dense_rank": "[0, 16384]", "router_window": "[1, 1000]",
     "router_hidden": "[1, 4096]", "router_layers": "[1, 16]", "tau_start": "(0, inf)", "tau_end": "(0, inf)",
     "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)", "info_coef": "[0, inf)",
@@ -208,6 +223,9 @@ CHOICES = {"env": envs.ENVS, "eval_split": ("eval_in_distribution", "eval_out_of
            "dtype": ("auto", "float32", "bfloat16")}
 
 
+LETTERS = "ABCDEFGHIJKLMNOP"  # expert names in tables, metrics and exports
+
+
 def within(x, interval):
     lo, hi = map(float, interval[1:-1].split(","))
     return (lo <= x if interval[0] == "[" else lo < x) and (x <= hi if interval[-1] == "]" else x < hi)
@@ -219,13 +237,36 @@ def boolean(text):
     return text.lower() in ("true", "1", "on")
 
 
+# where and how to evaluate or export a checkpoint: with --eval_only or --export every other flag is the checkpoint's
+USE_FLAGS = ("resume", "eval_only", "show", "export", "eval_split", "eval_episodes", "eval_temperature", "out_dir",
+             "device", "dtype", "alfworld_data")
+
+
 def parse_args(argv=None, games=True):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Args):
         kind = boolean if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
+        parser.add_argument(f"--{f.name}", type=kind, help=f"{f.metadata['help']} (default: {f.default!r})",
                             **({"nargs": "?", "const": True} if kind is boolean else {}))  # --flag alone: true
-    return Args(**vars(parser.parse_args(argv))).validate(games)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line; Args fills in the defaults
+    if given.get("eval_only") or given.get("export"):
+        given = trained_flags(given)
+    return Args(**given).validate(games)
+
+
+def trained_flags(given):
+    """--eval_only / --export: the flags the checkpoint was trained with, but for USE_FLAGS given on the command line
+    (--out_dir: the checkpoint's folder unless given; --device: auto unless given). A given flag that contradicts the
+    checkpoint stops the run: the agent is what it was trained as."""
+    need(given.get("resume"), "--eval_only and --export use a trained agent: add --resume <out_dir>/checkpoint.pt")
+    trained, names = read_checkpoint(given["resume"])["args"], {f.name for f in dataclasses.fields(Args)}
+    trained = {k: v for k, v in trained.items() if k in names}  # a flag of another version of pamoe.py: dropped
+    differ = [f"--{k} {v} (trained: {trained.get(k)})" for k, v in given.items()
+              if k not in USE_FLAGS and trained.get(k) != v]
+    need(not differ, f"--resume {given['resume']} was trained with other flags: {', '.join(differ)}; drop them "
+         f"(--eval_only and --export take the checkpoint's)")
+    return {**trained, "device": "auto", "out_dir": os.path.dirname(given["resume"]) or ".",
+            **{k: v for k, v in given.items() if k in USE_FLAGS}}
 
 
 # --- Data parallel (torchrun): each rank steps its share of the lanes; a few collectives, identities in one process
@@ -293,18 +334,21 @@ def step_prompt(args, info, obs, history, t, keep=None):
                              args.max_steps, args.action_format)
 
 
-def teach_answer_format(model, tok, args, batch=32):
-    """Stand-in for pretraining, `tiny` only: supervised steps on the base (before it is frozen) of next-token
-    prediction on prompts of random-action episodes (the text a pretrained model has read) and of answering with a
-    uniformly drawn admissible label (the requested format; no task skill: every label is an equally good target)."""
-    if args.tiny_format_steps == 0:
+def pretrain_tiny(model, tok, args, batch=32):
+    """Stand-in for pretraining, `tiny` only: --tiny_steps supervised steps on the base before it is frozen, on the
+    prompts of toy episodes played by a noisy solver (each step the scripted solver's command with probability
+    q = --tiny_prior, else a uniformly drawn admissible one). Loss: next-token prediction on the prompt (the text a
+    pretrained model has read) + cross-entropy of the answer label to that same mixture, (1 - q) uniform + q one-hot
+    (solver): the answer format and a weak prior of every task type, as an instruction-tuned LLM brings one (q = 0:
+    the format only, no skill)."""
+    if args.tiny_steps == 0:
         return
-    rng = random.Random(args.seed)
+    rng, q = random.Random(args.seed), args.tiny_prior if args.env == "toy" else 0.0
     env_batch = envs.make_env_batch(args.env, batch, args.max_steps, "train", args.alfworld_data)
     with contextlib.closing(env_batch):
-        prompts, n_labels = [], []
+        prompts, n_labels, solver = [], [], []
         for ep in range(4):
-            # negative seeds: toy episodes training never sees (alfworld: training games; no skill is taught)
+            # negative seeds: toy episodes training never sees (alfworld: training games; no solver, q = 0)
             obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])
             history, live = [[] for _ in range(batch)], [True] * batch
             for t in range(args.max_steps):
@@ -312,24 +356,28 @@ def teach_answer_format(model, tok, args, batch=32):
                 for n, (obs, info) in enumerate(obs_info):
                     if live[n]:
                         listed = envs.listed_actions(info["admissible"])
+                        best = env_batch.solve(n) if q else listed[0]
                         prompts.append(step_prompt(args, info, obs, history[n], t))
                         n_labels.append(len(listed))
-                        actions[n] = rng.choice(listed)
+                        solver.append(listed.index(best))
+                        actions[n] = best if rng.random() < q else rng.choice(listed)
                         history[n].append((obs, actions[n]))
                 for n, res in enumerate(env_batch.step(actions)):
                     if res is not None:
                         obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
     label_ids = torch.tensor([tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(args.tiny_format_steps):
+    for _ in range(args.tiny_steps):
         idx = [rng.randrange(len(prompts)) for _ in range(batch)]
         enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
                   add_special_tokens=False)
         logits = model.get_output_embeddings()(model.base_model(**enc).last_hidden_state).float()  # (B, T, V)
         last = logits[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, V) after the prompt's last token
         logp = F.log_softmax(last, -1)[:, label_ids]  # (B, n)
-        valid = torch.arange(len(label_ids))[None] < torch.tensor([n_labels[i] for i in idx])[:, None]
-        loss = -(torch.where(valid, logp, 0).sum(1) / valid.sum(1)).mean()  # cross-entropy to uniform labels
+        n = torch.tensor([n_labels[i] for i in idx])[:, None]
+        target = (torch.arange(len(label_ids))[None] < n) * (1 - q) / n  # (B, n): (1 - q) uniform + q solver
+        target[torch.arange(batch), [solver[i] for i in idx]] += q
+        loss = -(target * logp).sum(1).mean()  # cross-entropy to the mixture
         # next-token prediction on the prompt text itself: what pretraining would have given the base
         nxt = torch.where(enc.attention_mask[:, 1:].bool(), enc.input_ids[:, 1:], -100)
         loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), nxt.flatten())
@@ -343,7 +391,7 @@ def load_model(args, device):
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.model == "tiny":
         model, tok = build_tiny(envs.vocabulary(args.env), args.seed)
-        teach_answer_format(model, tok, args)
+        pretrain_tiny(model, tok, args)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:  # no such folder or name, no network for a hub name, no weights, not a causal LM, no tokenizer
@@ -610,6 +658,7 @@ class Agent(nn.Module):
         super().__init__()
         self.args, self.device = args, device
         self.lm, self.tok = load_model(args, device)
+        torch.manual_seed(args.seed)  # experts, router and critic start alike, whether the base was built or loaded
         self.routing, self.experts = attach_experts(self.lm, args)
         if args.grad_ckpt:
             checkpoint_layers(self.lm)
@@ -681,72 +730,94 @@ def response_length(ids, tok, stop):
     return n if at < 0 else int(np.searchsorted(np.cumsum([len(p) for p in pieces]), at + len(stop))) + 1
 
 
+class StepFeatures:
+    """A rollout's frozen step features: a table whose row 0 is zeros (before an episode's start), then one row
+    [observation ; previous action] (2d,) per lane and step; window(n, t) indexes lane n's rows of steps t-L+1..t."""
+
+    def __init__(self, agent, N):
+        self.agent, self.rows, self.lane_rows = agent, [torch.zeros(2 * agent.lm.config.hidden_size,
+                                                                    device=agent.device)], [[] for _ in range(N)]
+
+    def add(self, lanes, obs, last_action):
+        lm, tok, dev = self.agent.lm, self.agent.tok, self.agent.device
+        obs_f = mean_pool(*encode_texts(lm, tok, [obs[n] for n in lanes], dev))  # (A, d)
+        act_f = torch.zeros_like(obs_f)
+        has = [i for i, n in enumerate(lanes) if last_action[n]]
+        if has:
+            act_f[has] = mean_pool(*encode_texts(lm, tok, [last_action[lanes[i]] for i in has], dev))
+        for n, f in zip(lanes, torch.cat([obs_f, act_f], -1)):
+            self.lane_rows[n].append(len(self.rows))
+            self.rows.append(f)
+
+    def window(self, n, t):
+        L = self.agent.args.router_window
+        return [self.lane_rows[n][s] if s >= 0 else 0 for s in range(t - L + 1, t + 1)]
+
+
+def generate(agent, prompts, gates, temperature):
+    """One sampled response per prompt with the experts of gates (B, 1, K) (None: token routing). Returns per prompt
+    (prompt ids, response ids up to the EOS or the end of the tagged answer, response text), and for token routing
+    each response's most chosen expert over layers and tokens (tables only), else None."""
+    a, tok, K = agent.args, agent.tok, agent.args.experts[0]
+    stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with its action
+    enc = tok(prompts, padding=True, padding_side="left", truncation=True, max_length=a.max_prompt_tokens,
+              return_tensors="pt", add_special_tokens=False).to(agent.device)
+    P = enc.input_ids.shape[1]
+    with agent.routing(gates):
+        out = agent.lm.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                eos_token_id=tok.eos_token_id, stopping_criteria=[stop_at(tok, stop, P)] if stop else None)
+    voted = None if gates is not None else torch.cat([F.one_hot(c, K).reshape(len(prompts), -1, K)
+                                                      for c in agent.routing.token_choices], 1).sum(1).argmax(-1)
+    samples = []
+    for i in range(len(prompts)):
+        resp = out[i, P:].cpu()
+        resp = resp[:response_length(resp.tolist(), tok, stop)]  # keep the sampled EOS or stop, drop the padding
+        samples.append((enc.input_ids[i][enc.attention_mask[i].bool()].cpu(), resp,
+                        tok.decode(resp, skip_special_tokens=True)))
+    return samples, voted
+
+
 @torch.no_grad()
 def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
     """Play one episode per lane. Returns a dict: per-step samples as lists (ordered by step, then lane), the
-    frozen step-feature table that `window` indexes (row 0 is zeros: before the episode start), the goal token
-    states per lane, and for truncated lanes the window of the final observation (to bootstrap from)."""
+    frozen step-feature table that `window` indexes, the goal token states per lane, and for truncated lanes the
+    window of the final observation (to bootstrap from)."""
     a, dev, tok = agent.args, agent.device, agent.tok
-    K, L, N = a.experts[0], a.router_window, len(seeds)
+    K, N = a.experts[0], len(seeds)
     obs, infos = map(list, zip(*env_batch.reset(seeds)))
     goal_states, goal_mask = encode_texts(agent.lm, tok, [i["goal"] for i in infos], dev)
-    rows, lane_rows = [torch.zeros(2 * goal_states.shape[-1], device=dev)], [[] for _ in range(N)]
+    feats = StepFeatures(agent, N)
     history, last_action, done, cut = [[] for _ in range(N)], [""] * N, [False] * N, [False] * N
     last_verb = [""] * N  # the verb of each lane's previous action: "" before the first, <invalid> after a bad output
     episode_k = torch.zeros(N, dtype=torch.long, device=dev)
     episode_p = torch.ones(N, K, device=dev) / K  # the router's probabilities of each lane's current step
     R = defaultdict(list)
-    stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with its action
-    gen_cfg = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=a.max_new_tokens,
-                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-
-    def window(n, t):  # feature rows of steps t-L+1..t of lane n
-        return [lane_rows[n][s] if s >= 0 else 0 for s in range(t - L + 1, t + 1)]
-
-    def add_rows(lanes):  # frozen features [current observation ; previous action] of each lane
-        obs_f = mean_pool(*encode_texts(agent.lm, tok, [obs[n] for n in lanes], dev))
-        act_f = torch.zeros_like(obs_f)
-        has = [i for i, n in enumerate(lanes) if last_action[n]]
-        if has:
-            act_f[has] = mean_pool(*encode_texts(agent.lm, tok, [last_action[lanes[i]] for i in has], dev))
-        for n, f in zip(lanes, torch.cat([obs_f, act_f], -1)):
-            lane_rows[n].append(len(rows))
-            rows.append(f)
-
     for t in range(env_batch.max_steps):
         lanes = [n for n in range(N) if not done[n]]
         if not lanes:
             break
-        add_rows(lanes)
+        feats.add(lanes, obs, last_action)
         lane_idx = torch.tensor(lanes, device=dev)
-        win = torch.tensor([window(n, t) for n in lanes], device=dev)  # (A, L)
+        win = torch.tensor([feats.window(n, t) for n in lanes], device=dev)  # (A, L)
         if agent.router is not None and (a.routing == "phase" or t == 0):  # trajectory: decide at step 0 only
-            p = router_probs(agent.router, torch.stack(rows)[win], goal_states[lane_idx], goal_mask[lane_idx], tau)
+            p = router_probs(agent.router, torch.stack(feats.rows)[win], goal_states[lane_idx], goal_mask[lane_idx], tau)
             k = p.argmax(-1) if greedy_router else torch.multinomial(p, 1)[:, 0]
             episode_k[lane_idx], episode_p[lane_idx] = k, p
         k = episode_k[lane_idx]  # dense: expert 0
-        prompts = [agent.fit_prompt(infos[n], obs[n], history[n], t) for n in lanes]
-        enc = tok(prompts, padding=True, padding_side="left", truncation=True, max_length=a.max_prompt_tokens,
-                  return_tensors="pt", add_special_tokens=False).to(dev)
         gates = None if a.routing == "token" else F.one_hot(k, K).float()[:, None]  # (A, 1, K)
-        with agent.routing(gates):
-            out = agent.lm.generate(**enc, **gen_cfg, stopping_criteria=[stop_at(tok, stop, enc.input_ids.shape[1])]
-                                    if stop else None)
-        if a.routing == "token":  # the step's expert, for analysis only: most chosen over layers and tokens
-            votes = torch.cat([F.one_hot(c, K).reshape(len(lanes), -1, K) for c in agent.routing.token_choices], 1)
-            k = votes.sum(1).argmax(-1)
+        samples, voted = generate(agent, [agent.fit_prompt(infos[n], obs[n], history[n], t) for n in lanes], gates,
+                                  temperature)
+        k = k if voted is None else voted
         actions, invalid = [None] * N, {}
-        for i, n in enumerate(lanes):
-            resp = out[i, enc.input_ids.shape[1]:].cpu()
-            resp = resp[:response_length(resp.tolist(), tok, stop)]  # keep the sampled EOS or stop, drop the padding
-            text = tok.decode(resp, skip_special_tokens=True)
+        for i, (n, (prompt_ids, resp, text)) in enumerate(zip(lanes, samples)):
             cmd, valid = envs.parse_action(text, infos[n]["admissible"])
             actions[n], invalid[n] = (cmd if valid else text), not valid
-            prompt_ids = enc.input_ids[i][enc.attention_mask[i].bool()].cpu()
             for key, val in (("seq", torch.cat([prompt_ids, resp])), ("prompt_len", len(prompt_ids)),
                              ("resp_len", len(resp)), ("lane", n), ("t", t), ("k", int(k[i])),
                              ("router_p", episode_p[n].tolist()), ("window", win[i].tolist()),
-                             ("last_verb", last_verb[n]),
+                             ("last_verb", last_verb[n]), ("obs", obs[n]), ("response", text),
+                             ("action", cmd if valid else None), ("goal", infos[n]["goal"]),
                              ("phase", env_batch.step_phase(infos[n], cmd if valid else None)),
                              ("task_type", infos[n]["task_type"])):
                 R[key].append(val)
@@ -761,9 +832,9 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             last_verb[n] = "<invalid>" if invalid[n] else actions[n].split()[0]
     truncated = [n for n in range(N) if cut[n]]
     if truncated:  # features of the final observation, to bootstrap from at truncation
-        add_rows(truncated)
-    R.update(table=torch.stack(rows), goal_states=goal_states, goal_mask=goal_mask,
-             final_window={n: window(n, len(lane_rows[n]) - 1) for n in truncated})
+        feats.add(truncated, obs, last_action)
+    R.update(table=torch.stack(feats.rows), goal_states=goal_states, goal_mask=goal_mask,
+             final_window={n: feats.window(n, len(feats.lane_rows[n]) - 1) for n in truncated})
     return dict(R)
 
 
@@ -865,104 +936,136 @@ def check_finite(named):
         raise NonFiniteError(list(named)[finite.index(False)])
 
 
+def router_losses(agent, R, B, mb, tau):
+    """The step router on minibatch mb (this rank's steps; means over all ranks): p_t at each step and p_t+1 at the
+    next step of the same episode, straight-through gates of the rollout's choices k, and its auxiliary losses
+        switch  = lambda_s mean_t (1 - sum_k p_t,k p_t+1,k)           temporal consistency
+        balance = lambda_b balance_loss(P, f)                          load balance
+        info    = -lambda_i I(k; verb of the previous action)          behaviour information (phase routing)
+    Returns gates (B, 1, K), {term: loss}, {statistic: value}."""
+    a, n, lanes, k, nxt = agent.args, all_sum(len(mb)), B["lanes"][mb], B["k"][mb], B["next"][mb]  # nxt -1: no t+1
+    wins = torch.cat([B["router_windows"][mb], B["router_windows"][nxt.clamp(min=0)]])
+    gl = torch.cat([lanes, lanes])
+    p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl], tau).chunk(2)
+    pairs = (nxt >= 0).sum()
+    sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
+    balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
+    terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
+    entropy = all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n
+    stats = {"switch_penalty": float(sw.detach()), "router_entropy": entropy}
+    if a.routing == "phase":  # the rollout's log-ratios log(P_verb / P) held fixed: the gradient of I (group_logratio)
+        info = summed((p * B["verb_logratio"][mb]).sum() / n)
+        terms["info"], stats["verb_information"] = -a.info_coef * info, float(info.detach())
+    return step_gates(p, k), terms, stats
+
+
+def policy_loss(agent, R, B, idx, gates):
+    """PPO's loss on the response tokens of steps idx, token means (each token carries its step's advantage):
+        L = clipped surrogate + kl_coef KL_k3(pi || pi_ref) - ent_coef entropy
+    gates (b, 1, K), or None for token routing. Returns L, its statistics, and the number of response tokens."""
+    a, pad = agent.args, nn.utils.rnn.pad_sequence
+    seqs, pl, rl = ([R[key][i] for i in idx] for key in ("seq", "prompt_len", "resp_len"))
+    logp, ent, mask = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)  # (b, R) each
+    old, ref = (pad([B[key][i] for i in idx], batch_first=True) for key in ("old_logp", "ref_logp"))  # (b, R)
+    adv = B["adv"][idx][:, None].expand_as(logp)
+    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old, adv, mask, a.clip)
+    kl, entropy, ratio = kl_k3(logp, ref, mask), masked_mean(ent, mask), torch.where(mask, logp - old, 0).exp()
+    stats = {"pg_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl, "kl": kl, "entropy": entropy,
+             "ratio": masked_mean(ratio, mask), "ratio_sq": masked_mean(ratio ** 2, mask)}
+    return pg_loss + a.kl_coef * kl - a.ent_coef * entropy, {k: v.detach() for k, v in stats.items()}, sum(rl)
+
+
+def token_balance_stats(agent, R, mb):
+    """Token routing over several micro-batches or ranks: each layer's mean router probabilities and choices over all
+    tokens of the minibatch (one no-grad pass), so that each micro-batch's balance share is that of the whole."""
+    seqs = [R["seq"][i] for i in mb]
+    with torch.no_grad():
+        agent.response_logprobs(seqs, [R["prompt_len"][i] for i in mb], [R["resp_len"][i] for i in mb],
+                                agent.args.temperature, None)
+    n_tok = all_sum(sum(map(len, seqs)))
+    return [(all_sum(p.sum(0)) / n_tok, all_choices(p.argmax(-1), p.shape[1]))
+            for p in real_tokens(agent.routing.token_probs, seqs)]
+
+
+def policy_backward(agent, R, B, mb, gates):
+    """Backward of the policy loss of minibatch mb in micro-batches of --micro_batch steps (gradient accumulation),
+    each weighted by its share of the minibatch's response tokens on all ranks; token routing adds each layer's
+    balance of its token router. gates: a leaf (B, 1, K) cut from the router's graph (its gradient collects there), or
+    None. Returns token-weighted means of the statistics and the loss terms summed over micro-batches."""
+    a, tokens = agent.args, all_sum(sum(R["resp_len"][i] for i in mb))
+    parts = torch.arange(len(mb)).split(a.micro_batch or len(mb))
+    n_tok = all_sum(sum(len(R["seq"][i]) for i in mb))  # every token of every sequence, prompts too
+    token_stats = token_balance_stats(agent, R, mb) if a.routing == "token" and (
+        len(parts) > 1 or dist.is_initialized()) else None
+    mean, checked = defaultdict(float), defaultdict(float)
+    for part in parts:
+        idx, gates_ = mb[part], None if gates is None else gates[part]
+        with agent.routing(gates_):  # --grad_ckpt replays the layers in backward: route them as before
+            loss, stats, n_resp = policy_loss(agent, R, B, idx, gates_)
+            extra = 0
+            if a.routing == "token":  # this micro-batch's share of every layer's balance
+                probs = real_tokens(agent.routing.token_probs, [R["seq"][i] for i in idx])  # per layer (n, K)
+                stat = token_stats or [(p.detach().mean(0), p.argmax(-1)) for p in probs]
+                extra = a.balance_coef * torch.stack([balance_share(p, P, c, a.balance, n_tok)
+                                                      for p, (P, c) in zip(probs, stat)]).mean()
+                checked["balance"] += extra.detach()
+            (n_resp / tokens * loss + extra).backward()
+        for key in ("pg_loss", "kl", "entropy"):
+            checked[key] += stats[key]
+        for key, val in stats.items():
+            mean[key] += n_resp / tokens * float(val)
+    mean = dict(zip(mean, all_sum(torch.tensor(list(mean.values()), dtype=torch.float64)).tolist()))
+    mean["ratio_var"] = mean.pop("ratio_sq") - mean.pop("ratio") ** 2
+    return mean, checked
+
+
+def optimizer_step(agent, opt):
+    """Clip each parameter group's gradient norm, stop on a nan or inf before it trains on, step."""
+    check_finite({f"gradient norm of {g['name']}": nn.utils.clip_grad_norm_(g["params"], agent.args.max_grad_norm)
+                  for g in opt.param_groups})
+    opt.step()
+
+
 def ppo_update(agent, opt, R, B, tau_state):
-    """Several epochs of minibatch PPO over one rollout; experts, router and critic step together.
-    Returns mean statistics, among them the norm of the router gradient that each term contributes. Data parallel:
-    each rank cuts its share R into the minibatches the whole needs; means, statistics and gradients are over all."""
-    a, dev = agent.args, agent.device
-    stats = defaultdict(list)
+    """--epochs of minibatch PPO over one rollout; experts, router and critic step together. On the first minibatch,
+    the norm of the router gradient that each term contributes. Data parallel: each rank cuts its share R into the
+    minibatches the whole needs; means, statistics and gradients are over all ranks."""
+    a, stats = agent.args, defaultdict(list)
     router_params = list(agent.router.parameters()) if agent.router is not None else []
     sizes = all_gather(len(R["seq"]))
     for epoch in range(a.epochs):
         for step, mb in enumerate(torch.randperm(len(R["seq"])).tensor_split(
                 min(math.ceil(sum(sizes) / a.minibatch), *sizes))):
-            seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
-            mb, n, tokens = mb.to(dev), all_sum(len(mb)), all_sum(sum(rl))  # steps and response tokens of all ranks
-            lanes, k = B["lanes"][mb], B["k"][mb]
-            aux_terms, gates = {}, step_gates_for(agent, mb, B["k"])
+            mb, n, lanes = mb.to(agent.device), all_sum(len(mb)), B["lanes"][mb.to(agent.device)]
+            opt.zero_grad(set_to_none=True)
+            gates, aux, out = step_gates_for(agent, mb, B["k"]), {}, {}
             if agent.router is not None:
-                tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
-                nxt = B["next"][mb]  # the step after each step (-1 at an episode's end); the router reads both
-                wins = torch.cat([B["router_windows"][mb], B["router_windows"][nxt.clamp(min=0)]])
-                gl = torch.cat([lanes, lanes])
-                p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl],
-                                         tau).chunk(2)  # (B, K) each
-                gates = step_gates(p, k)
-                pairs = (nxt >= 0).sum()
-                sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
-                balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
-                aux_terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
-                if a.routing == "phase":  # behaviour information I(k; last verb), maximised; rollout's log-ratios
-                    info = summed((p * B["verb_logratio"][mb]).sum() / n)
-                    aux_terms["info"] = -a.info_coef * info
-                    stats["verb_information"].append(float(info.detach()))
-                stats["switch_penalty"].append(float(sw.detach()))
-                stats["router_entropy"].append(all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n)
+                gates, aux, out = router_losses(agent, R, B, mb, tau_at(tau_state["updates"], a.tau_start, a.tau_end,
+                                                                         a.tau_steps))
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
-            # The LM runs in micro-batches of --micro_batch steps (gradient accumulation), each one's token means
-            # weighted by its share of the minibatch's response tokens. The router's gates enter them as a leaf cut
-            # from the router's graph; its summed gradient goes through the router once, at the end.
+            # the LM's micro-batches see the gates as a leaf cut from the router's graph; their summed gradient goes
+            # through the router once, with the critic's and the router's own terms
             cut = None if gates is None else gates.detach().requires_grad_(gates.requires_grad)
-            parts, token_stats, mean = torch.arange(len(mb)).split(a.micro_batch or len(mb)), None, defaultdict(float)
-            n_tok, checked = all_sum(sum(map(len, seqs))), defaultdict(float)  # checked: loss terms summed over parts
-            if a.routing == "token" and (len(parts) > 1 or dist.is_initialized()):  # balance over all its tokens
-                with torch.no_grad():
-                    agent.response_logprobs(seqs, pl, rl, a.temperature, None)
-                token_stats = [(all_sum(p_.sum(0)) / n_tok, all_choices(p_.argmax(-1), p_.shape[1]))
-                               for p_ in real_tokens(agent.routing.token_probs, seqs)]
-            opt.zero_grad(set_to_none=True)
-            for part in parts:
-                seqs_, pl_, rl_ = ([x[i] for i in part] for x in (seqs, pl, rl))
-                gates_ = None if cut is None else cut[part]
-                logp, ent, mask = agent.response_logprobs(seqs_, pl_, rl_, a.temperature, gates_)
-                token_terms = {}
-                if a.routing == "token":  # every layer's balance of its token router: this micro-batch's share
-                    probs = real_tokens(agent.routing.token_probs, seqs_)  # per layer (n, K)
-                    stat = token_stats or [(p_.detach().mean(0), p_.argmax(-1)) for p_ in probs]
-                    token_terms = {"balance": a.balance_coef * torch.stack([balance_share(
-                        p_, P, c, a.balance, n_tok) for p_, (P, c) in zip(probs, stat)]).mean()}
-                old = nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb[part]], batch_first=True)  # (b, R)
-                ref = nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb[part]], batch_first=True)
-                adv = B["adv"][mb[part]][:, None].expand_as(logp)  # the step's advantage on every one of its tokens
-                pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old, adv, mask, a.clip)
-                ratio = torch.where(mask, logp - old, 0).exp().detach()
-                kl = kl_k3(logp, ref, mask)
-                entropy = masked_mean(ent, mask)
-                for key, val in {"pg_loss": pg_loss, "kl": kl, "entropy": entropy, **token_terms}.items():
-                    checked[key] = checked[key] + val.detach()
-                share = sum(rl_) / tokens
-                with agent.routing(gates_):  # --grad_ckpt replays the layers in backward: route them as before
-                    (share * (pg_loss + a.kl_coef * kl - a.ent_coef * entropy) + sum(token_terms.values())).backward()
-                for key, val in (("pg_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("kl", kl),
-                                 ("entropy", entropy), ("ratio", masked_mean(ratio, mask)),
-                                 ("ratio_sq", masked_mean(ratio ** 2, mask))):
-                    mean[key] += share * float(val.detach())
-            check_finite({**checked, "value_loss": v_loss, **aux_terms})
-            mean = dict(zip(mean, all_sum(torch.tensor(list(mean.values()), dtype=torch.float64)).tolist()))
-            # diagnosis, on the first minibatch of an iteration: the router gradient of each auxiliary term alone
-            # (the task's is the rest of the total)
+            mean, checked = policy_backward(agent, R, B, mb, cut)
+            check_finite({**checked, "value_loss": v_loss, **aux})
             diagnose = router_params and epoch == step == 0
             aux_grads = {name: [g if g is None else all_sum(g) for g in torch.autograd.grad(
                 term, router_params, retain_graph=True, allow_unused=True)]
-                for name, term in aux_terms.items() if diagnose and term.requires_grad}
-            outs = [(a.vf_coef * v_loss + sum(aux_terms.values()), None)]  # critic and router terms, and the
+                for name, term in aux.items() if diagnose and term.requires_grad}
+            outs = [(a.vf_coef * v_loss + sum(aux.values()), None)]
             outs += [(gates, cut.grad)] if cut is not None and cut.grad is not None else []
-            torch.autograd.backward(*zip(*outs))  # micro-batches' gradients of the gates
+            torch.autograd.backward(*zip(*outs))
             for q in agent.parameters():  # every rank's share summed: the whole minibatch's gradient on every rank
                 q.grad = None if q.grad is None else all_sum(q.grad)
-            if diagnose:
-                task = [p_.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
-                        for i, p_ in enumerate(router_params) if p_.grad is not None]
-                stats["router_grad/task"].append(grad_norm(task))
-                for name in ("switch", "balance", "info"):
-                    stats[f"router_grad/{name}"].append(grad_norm(aux_grads.get(name, [])))
-            check_finite({f"gradient norm of {g['name']}": nn.utils.clip_grad_norm_(g["params"], a.max_grad_norm)
-                          for g in opt.param_groups})  # before the step: a nan never trains on
-            opt.step()
+            if diagnose:  # the task's router gradient is the rest of the total
+                task = [q.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
+                        for i, q in enumerate(router_params) if q.grad is not None]
+                out.update({f"router_grad/{name}": grad_norm(aux_grads.get(name, []))
+                            for name in ("switch", "balance", "info")}, **{"router_grad/task": grad_norm(task)})
+            optimizer_step(agent, opt)
             tau_state["updates"] += 1
-            mean.update(ratio_var=mean.pop("ratio_sq") - mean.pop("ratio") ** 2, value_loss=float(v_loss.detach()))
-            for key, val in mean.items():
+            for key, val in {**out, **mean, "value_loss": float(v_loss.detach())}.items():
                 stats[key].append(val)
     check_finite({f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad})
     out = {key: float(np.mean(v)) for key, v in stats.items()}
@@ -972,17 +1075,56 @@ def ppo_update(agent, opt, R, B, tau_state):
     return out
 
 
+def expert_diagnostics(agent, R, B):
+    """The paper's parameter occupancy (its Fig. 1) and gradient conflict, over one rollout at the rollout's parameters
+    (ratio 1): g_k,c is the gradient, w.r.t. expert k's A and B, of the share of the policy loss that the steps of task
+    type c carry (their response tokens / all).
+        occupancy/<k>/<c> = |g_k,c| / sum_c' |g_k,c'|        which task types train expert k
+        conflict/<k>      = mean over pairs c != c' of cos(g_k,c, g_k,c')   (pairs where both are non-zero)"""
+    a, (K, r) = agent.args, agent.args.experts
+    params = [p for e in agent.experts for p in (e.A, e.B)]  # A (in, K*r), B (K*r, out) of every wrapped linear
+    types, tokens = sorted({c for part in all_gather(R["task_type"]) for c in part}), all_sum(sum(R["resp_len"]))
+    g = {}
+    for c in types:
+        acc = [torch.zeros_like(p) for p in params]
+        idx = torch.tensor([i for i, t in enumerate(R["task_type"]) if t == c], dtype=torch.long)
+        for part in idx.split(a.micro_batch or a.minibatch) if len(idx) else []:  # a rank may have no step of c
+            gates = step_gates_for(agent, part.to(agent.device), B["k"])
+            with agent.routing(gates):  # backward inside: --grad_ckpt replays the layers with these gates
+                loss, _, n_resp = policy_loss(agent, R, B, part, gates)
+                acc = [x + y for x, y in zip(acc, torch.autograd.grad(n_resp / tokens * loss, params))]
+        acc = all_sum(torch.cat([x.flatten() for x in acc])).split([p.numel() for p in params])
+        # (K, n): expert k's columns of every A and rows of every B
+        g[c] = torch.stack([torch.cat([(x.view(p.shape)[:, k * r:(k + 1) * r] if i % 2 == 0 else
+                                        x.view(p.shape)[k * r:(k + 1) * r]).flatten()
+                                       for i, (x, p) in enumerate(zip(acc, params))]) for k in range(K)])
+    out = {}
+    for k in range(K):
+        norms = {c: float(g[c][k].norm()) for c in types}
+        if sum(norms.values()) == 0:  # an expert no step was routed to
+            continue
+        out.update({f"occupancy/{LETTERS[k]}/{c}": v / sum(norms.values()) for c, v in norms.items()})
+        cos = [float(F.cosine_similarity(g[c][k], g[d][k], dim=0)) for i, c in enumerate(types)
+               for d in types[i + 1:] if norms[c] > 0 and norms[d] > 0]
+        out.update({f"conflict/{LETTERS[k]}": float(np.mean(cos))} if cos else {})  # none: one task type only
+    return out
+
+
 # --- Evaluation: success per task type, expert usage, phase timelines -------------------------------------------------
 EVAL_SEED = 10_000_000
 
 
 def evaluate(agent, tau):
+    """The policy on --eval_episodes fixed episodes of --eval_split (temperature --eval_temperature, argmax router).
+    Returns the eval/* metrics, the tables (text) and this rank's own steps (what --show prints)."""
     a, lanes = agent.args, my_lanes(agent.args.eval_episodes)  # this rank's share of the fixed episodes
     env_batch = envs.make_env_batch(a.env, len(lanes), a.max_steps, a.eval_split, a.alfworld_data)
-    with contextlib.closing(env_batch):
-        S = gather_steps(rollout(agent, env_batch, [EVAL_SEED + i for i in lanes], tau, a.eval_temperature,
-                                 greedy_router=True), lanes)
-    eps, K, letters = rollout_stats(S, a.eval_episodes), a.experts[0], "ABCDEFGHIJKLMNOP"
+    # a sampling stream of its own: the same policy always scores the same, and evaluating leaves training untouched
+    with contextlib.closing(env_batch), torch.random.fork_rng([agent.device] if agent.device.type == "cuda" else []):
+        torch.manual_seed(EVAL_SEED + rank_world()[0])
+        mine = rollout(agent, env_batch, [EVAL_SEED + i for i in lanes], tau, a.eval_temperature, greedy_router=True)
+    S = gather_steps(mine, lanes)
+    eps, K = rollout_stats(S, a.eval_episodes), a.experts[0]
     by_task = {tt: [e for e in eps if e["task_type"] == tt] for tt in envs.TASK_COLUMNS[a.env]}  # paper's order
     share = np.bincount(S["k"], minlength=K) / len(S["k"])
     m = {"eval/success": np.mean([e["won"] for e in eps]), "eval/steps": np.mean([e["steps"] for e in eps]),
@@ -990,26 +1132,139 @@ def evaluate(agent, tau):
          **{f"eval/success/{tt}": np.mean([e["won"] for e in es]) for tt, es in by_task.items() if es},
          "eval/phase_nmi": nmi(S["k"], S["phase"]), "eval/task_nmi": nmi(S["k"], S["task_type"]),
          "eval/share_entropy": -sum(x * math.log(x) for x in share if x > 0),
-         **{f"eval/expert_share/{letters[k]}": share[k] for k in range(K)}}
-    lines = []
+         **{f"eval/expert_share/{LETTERS[k]}": share[k] for k in range(K)}}
+    usage, tables = usage_tables(S, by_task, K)
+    return {k: float(v) for k, v in {**m, **usage}.items()}, tables, mine
+
+
+def usage_tables(S, by_task, K):
+    """Expert usage by task type and by phase, and one phase timeline per task type: eval/usage/* and the text."""
+    lines, m = [], {}
     for key, col in (("task type", "task_type"), ("phase", "phase")):
         usage = defaultdict(Counter)
         for k, label in zip(S["k"], S[col]):
             usage[label][k] += 1
-        lines.append(f"expert usage by {key} (fraction of steps): " + " ".join(f"{letters[k]:>5}" for k in range(K)))
+        lines.append(f"expert usage by {key} (fraction of steps): " + " ".join(f"{LETTERS[k]:>5}" for k in range(K)))
         for name, c in sorted(usage.items()):
             n = sum(c.values())
             lines.append(f"  {name:<10}" + " ".join(f"{c[k] / n:5.2f}" for k in range(K)) + f"   (n={n})")
-            m.update({f"eval/usage/{name}/{letters[k]}": c[k] / n for k in range(K)} if col == "task_type" else {})
+            m.update({f"eval/usage/{name}/{LETTERS[k]}": c[k] / n for k in range(K)} if col == "task_type" else {})
     code = {}
     for ph in sorted(set(S["phase"])):  # one letter per phase: its initial, upper-cased if already taken
         code[ph] = ph[0] if ph[0] not in code.values() else ph[0].upper()
     lines.append("phase timelines (expert per step, then phase per step: "
                  + ", ".join(f"{c}={ph}" for ph, c in code.items()) + "):")
     for tt, es in sorted(by_task.items()):
-        lines += [f"  {tt:<6} {''.join(letters[k] for k in es[0]['experts']):<21} "
+        lines += [f"  {tt:<6} {''.join(LETTERS[k] for k in es[0]['experts']):<21} "
                   f"{''.join(code[p] for p in es[0]['phases']):<21} {'won' if es[0]['won'] else 'lost'}"] if es else []
-    return {k: float(v) for k, v in m.items()}, "\n".join(lines)
+    return m, "\n".join(lines)
+
+
+def show_episodes(S, n, routing):
+    """--show: the first n episodes of a rollout's steps S, step by step: observation, the model's response, the
+    action it parses to (or invalid), the step's expert with the router's probabilities, the reward."""
+    lines = []
+    for lane in sorted(set(S["lane"]))[:n]:
+        steps = [i for i, x in enumerate(S["lane"]) if x == lane]
+        lines.append(f"=== episode {lane + 1} ({S['task_type'][steps[0]]}): {S['goal'][steps[0]]}")
+        for i in steps:
+            p = "per token" if routing == "token" else " ".join(f"{x:.2f}" for x in S["router_p"][i])
+            lines += [f"  step {S['t'][i] + 1} observation: {S['obs'][i]}",
+                      f"    response {S['response'][i]!r} -> {S['action'][i] or 'invalid'} | expert "
+                      f"{LETTERS[S['k'][i]]} (router p {p}) | reward {S['reward'][i]:+.1f}"]
+        lines.append(f"  {'won' if any(S['won'][i] for i in steps) else 'lost'} after {len(steps)} steps")
+    return "\n".join(lines)
+
+
+# --- Using a trained agent: evaluate a checkpoint, export its experts as PEFT LoRA adapters ---------------------------
+def evaluate_checkpoint(agent, it, tau):
+    """--eval_only: the usual tables (after --show's episodes) printed and written to <out_dir>/eval.json; the run's
+    metrics.jsonl, eval.log and checkpoint stay as they are. The evaluation is the one training made at that
+    iteration (same episodes, same sampling stream) unless its flags are changed."""
+    a = agent.args
+    em, tables, mine = evaluate(agent, tau)
+    if rank_world()[0] == 0:
+        print((show_episodes(mine, a.show, a.routing) + "\n" if a.show else "") + eval_report(it, em, tables))
+        result = {"checkpoint": a.resume, "iteration": it, "eval_split": a.eval_split, "eval_episodes": a.eval_episodes,
+                  "eval_temperature": a.eval_temperature, "metrics": em, "tables": tables}
+        path = os.path.join(a.out_dir, "eval.json")
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(f"{path}.tmp", path)
+    return em
+
+
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank must be one of these
+
+
+def export_experts(agent, folder, it, tau):
+    """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (adapter_config.json and
+    adapter_model.safetensors: lora_A (r, in) = A_cat[:, k r:(k+1) r].T, lora_B (out, r) = B_cat[k r:(k+1) r].T, scaled
+    by lora_alpha / r as here), the router's state and the flags that rebuild it (router.pt), how to use them
+    (README.md), and for `tiny` the frozen base itself (base/)."""
+    from safetensors.torch import save_file
+    a, (K, r) = agent.args, agent.args.experts
+    paths = {id(m): name for name, m in agent.lm.named_modules()}
+    for k in range(K):
+        tensors = {}
+        for e in agent.experts:  # PEFT's keys: the wrapped linear's path in the causal LM
+            key = f"base_model.model.{paths[id(e)]}"
+            tensors[f"{key}.lora_A.weight"] = e.A[:, k * r:(k + 1) * r].T.contiguous()  # (r, in)
+            tensors[f"{key}.lora_B.weight"] = e.B[k * r:(k + 1) * r].T.contiguous()  # (out, r)
+        out = os.path.join(folder, f"expert_{LETTERS[k]}")
+        os.makedirs(out, exist_ok=True)
+        save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": a.alpha,
+                  "target_modules": sorted(set(a.targets.split(","))), "lora_dropout": 0.0, "bias": "none",
+                  "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+                  "base_model_name_or_path": a.model}
+        with open(os.path.join(out, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    if agent.router is not None:
+        flags = {k: getattr(a, k) for k in ("model", "env", "routing", "num_experts", "router_window", "router_hidden",
+                                            "router_layers", "max_steps", "history", "action_format")}
+        torch.save({"state": agent.router.state_dict(), "flags": flags, "tau": tau, "hidden_size":
+                    agent.lm.config.hidden_size}, os.path.join(folder, "router.pt"))
+    if a.model == "tiny":  # built in code: its weights go with the adapters, without the experts' wrappers
+        wrapped = [(m, n, c) for m in agent.lm.modules() for n, c in m.named_children() if isinstance(c, LoRAExperts)]
+        for m, n, c in wrapped:
+            setattr(m, n, c.base)
+        try:
+            agent.lm.save_pretrained(os.path.join(folder, "base"))
+            agent.tok.save_pretrained(os.path.join(folder, "base"))
+        finally:
+            for m, n, c in wrapped:
+                setattr(m, n, c)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(EXPORT_README.format(ckpt=a.resume, it=it, model=a.model, routing=a.routing, K=K, r=r, alpha=a.alpha,
+                                     targets=a.targets, letters=LETTERS[:K], tau=tau, window=a.router_window,
+                                     vllm_rank=min(x for x in VLLM_RANKS if x >= r), base="base" if a.model == "tiny"
+                                     else a.model, last=LETTERS[K - 1], tiny_note=" (pamoe.py's `tiny`, built in "
+                                     "code: its weights are in `base/`)" if a.model == "tiny" else ""))
+    print(f"exported {K} expert(s) of {a.resume} (iteration {it}) to {folder}")
+
+
+EXPORT_README = """# PA-MoE experts of {ckpt} (iteration {it})
+
+Base: `{model}`{tiny_note}. {routing} routing; {K} LoRA expert(s) `expert_A`..`expert_{last}`, rank {r}, alpha {alpha},
+on {targets}: PEFT LoRA adapters (`adapter_config.json`, `adapter_model.safetensors`).
+
+One expert with PEFT:
+
+    base = transformers.AutoModelForCausalLM.from_pretrained("{base}")
+    model = peft.PeftModel.from_pretrained(base, "expert_A")   # more: model.load_adapter("expert_B", "expert_B")
+
+All experts with vLLM multi-LoRA, one adapter per request: the router's choice for that environment step
+
+    llm = vllm.LLM("{base}", enable_lora=True, max_loras={K}, max_lora_rank={vllm_rank})
+    experts = [LoRARequest(f"expert_{{c}}", i + 1, f"/abs/path/expert_{{c}}") for i, c in enumerate("{letters}")]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.4), lora_request=[experts[k] for k in ks])
+
+`router.pt` (phase, trajectory): `state` of `pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, with
+the sizes and prompt flags in `flags`. It reads frozen-base features (adapters off: `pamoe.StepFeatures`,
+`pamoe.encode_texts`): [observation ; previous action] of the last {window} steps and the goal's token states; the
+step's expert k is argmax softmax(logits / {tau:.3f}) (trajectory routing: at the episode's first step only).
+"""
 
 
 # --- Checkpoints (atomic) and the training loop -----------------------------------------------------------------------
@@ -1032,31 +1287,42 @@ def save_checkpoint(path, agent, opt, iteration, tau_state):
 
 
 # the flags that define what a checkpoint holds (`tiny` builds its frozen base from --env, --seed and the format steps)
-MODEL_FLAGS = ("model", "env", "seed", "tiny_format_steps", "routing", "num_experts", "rank", "dense_rank", "alpha",
-               "targets", "router_hidden", "router_layers")
+MODEL_FLAGS = ("model", "env", "seed", "tiny_steps", "tiny_prior", "routing", "num_experts", "rank", "dense_rank",
+               "alpha", "targets", "router_hidden", "router_layers")
+
+
+def read_checkpoint(path):
+    """The state a checkpoint holds; a file that is none stops the run with the fix."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU tensors
+    except Exception as e:  # whatever these bytes are (or no file at all), they are no checkpoint
+        state = e
+    need(isinstance(state, dict) and {"trainable", "optimizer", "iteration", "tau_updates", "args", "rng",
+                                         "world_size"} <= set(state),
+         f"--resume {path}: not a PA-MoE checkpoint; point it at the checkpoint.pt in a run's --out_dir")
+    return state
 
 
 def load_checkpoint(path, agent, opt, tau_state):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU tensors
-    except Exception as e:  # whatever these bytes are, they are no checkpoint
-        state = e
-    need(isinstance(state, dict) and {"trainable", "optimizer", "iteration", "args", "rng", "world_size"} <= set(state),
-         f"--resume {path}: not a PA-MoE checkpoint; point it at the checkpoint.pt in a run's --out_dir")
+    """The trained state into agent and tau_state; with an optimizer (training goes on) also its state and every
+    rank's RNG streams. Returns the checkpoint's iteration."""
+    state = read_checkpoint(path)
     a = dataclasses.asdict(agent.args)
     differ = [f"--{k} {state['args'].get(k)} (this run: {a[k]})" for k in MODEL_FLAGS if state["args"].get(k) != a[k]]
     need(not differ, f"--resume {path} was trained with {', '.join(differ)}; resume with the flags it was trained with")
     shapes = {n: t.shape for n, t in agent.trainable_state().items()}
     need(shapes == {n: t.shape for n, t in state["trainable"].items()}, f"--resume {path}: its tensors do not fit "
          f"this model although the flags match (another version of pamoe.py?); start a new run")
+    agent.load_state_dict(state["trainable"], strict=False)
+    tau_state["updates"] = state["tau_updates"]
+    if opt is None:
+        return state["iteration"]
     (rank, world), saved_world = rank_world(), state["world_size"]
     need(saved_world == world, f"--resume {path} was written by {saved_world} processes and this run has {world}: "
          f"resume with as many (torchrun --nnodes x --nproc_per_node; plain python for 1)")
     need(state["iteration"] < agent.args.iterations, f"--resume {path} is at iteration {state['iteration']} already; "
-         f"raise --iterations (now {agent.args.iterations}) to continue")
-    agent.load_state_dict(state["trainable"], strict=False)
+         f"raise --iterations (now {agent.args.iterations}) to continue, or evaluate it with --eval_only")
     opt.load_state_dict(state["optimizer"])
-    tau_state["updates"] = state["tau_updates"]
     rng = state["rng"][rank]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -1072,6 +1338,52 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def eval_report(it, em, tables):
+    columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items() if k.startswith("eval/success/"))
+    return f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
+
+
+def report_evaluation(agent, it, tau):
+    """Evaluate; rank 0 prints the tables and appends them to eval.log. Returns the eval/* metrics."""
+    t = time.time()
+    em, tables, _ = evaluate(agent, tau)
+    report = eval_report(it, em, tables)
+    if rank_world()[0] == 0:
+        tqdm.write(report)
+        with open(os.path.join(agent.args.out_dir, "eval.log"), "a") as f:
+            f.write(report + "\n")
+    return {**em, "eval_s": time.time() - t}
+
+
+def iteration_metrics(G, eps, stats, K):
+    """The metrics line of one training iteration, from every rank's steps G and episodes eps."""
+    return {"success": np.mean([e["won"] for e in eps]), "return": np.mean([e["return"] for e in eps]),
+            "steps": np.mean([e["steps"] for e in eps]), "switches": np.mean([e["switches"] for e in eps]),
+            "invalid": np.mean(G["invalid"]),
+            **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
+               for tt in sorted({e["task_type"] for e in eps})},
+            **{f"expert_share/{k}": np.mean(np.array(G["k"]) == k) for k in range(K)},
+            **stats, "resp_len_mean": np.mean(G["resp_len"]), "resp_len_max": max(G["resp_len"]),
+            "env_steps": len(G["k"])}
+
+
+def start_run(args, agent, opt, tau_state):
+    """Fresh run: remove the out_dir's old logs. Resume: load the checkpoint and drop the metrics lines written after
+    it. Returns the iteration to continue from."""
+    files = {name: os.path.join(args.out_dir, name) for name in ("metrics.jsonl", "eval.log")}
+    start = load_checkpoint(args.resume, agent, opt, tau_state) if args.resume else 0
+    if rank_world()[0] == 0 and not args.resume:
+        for path in files.values():
+            if os.path.exists(path):
+                os.remove(path)
+    elif rank_world()[0] == 0 and os.path.exists(files["metrics.jsonl"]):
+        with open(files["metrics.jsonl"]) as f:
+            kept = [line for line in f if json.loads(line)["iteration"] <= start]
+        with open(files["metrics.jsonl"], "w") as f:
+            f.writelines(kept)
+    return start
+
+
 def train(args):
     """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone writes files)."""
     cuda, rank = args.device == "cuda", rank_world()[0]
@@ -1080,70 +1392,58 @@ def train(args):
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ:  # started by torchrun: join the group of all ranks (CUDA tensors over NCCL)
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-    os.makedirs(args.out_dir, exist_ok=True)
     seed_everything(args.seed)  # the same model, experts, router and critic on every rank
     agent = Agent(args, device)
+    if args.eval_only or args.export:  # a trained agent, used as it is
+        tau_state = {"updates": 0}
+        it = load_checkpoint(args.resume, agent, None, tau_state)
+        tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
+        if args.export and rank == 0:
+            export_experts(agent, args.export, it, tau)
+        return evaluate_checkpoint(agent, it, tau) if args.eval_only else {}
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     torch.manual_seed(args.seed + rank)  # and from here one sampling stream per rank
     tau_state = {"updates": 0}
-    start, saved = 0, args.resume  # saved: the last good checkpoint
-    metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "checkpoint.pt")
-    if args.resume:
-        start = load_checkpoint(args.resume, agent, opt, tau_state)
-        if rank == 0 and os.path.exists(metrics_path):  # drop lines written after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["iteration"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    lanes = my_lanes(args.num_envs)
+    start = start_run(args, agent, opt, tau_state)
+    saved, ckpt_path = args.resume, os.path.join(args.out_dir, "checkpoint.pt")  # saved: the last good checkpoint
+
+    def log(m):
+        if rank == 0:
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({k: float(v) if k != "iteration" else v for k, v in m.items()}) + "\n")
+    if start == 0 and args.eval_every:  # the frozen base's own success: where every routing mode starts
+        log({"iteration": 0, **report_evaluation(agent, 0, args.tau_start)})
+    lanes, last = my_lanes(args.num_envs), {}
     env_batch = envs.make_env_batch(args.env, len(lanes), args.max_steps, "train", args.alfworld_data)
     with contextlib.closing(env_batch):  # workers end with the run, however it ends
         bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
                    dynamic_ncols=True, file=sys.stdout, disable=rank > 0)
-        last = {}
         for it in bar:
             t0 = time.time()
+            for g in opt.param_groups:  # --anneal_lr: linear decay to lr / iterations in the last iteration
+                g["lr"] = lrs[g["name"]] * (1 - (it - 1) / args.iterations if args.anneal_lr else 1)
             tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
             seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in lanes]
             S = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
             t_roll = time.time() - t0
             G = gather_steps(S, lanes)  # every rank's steps, for the statistics
-            eps = rollout_stats(G, args.num_envs)
+            evaluating = args.eval_every and (it % args.eval_every == 0 or it == args.iterations)
             try:
                 B = prepare_batch(agent, S)
                 t_prep = time.time() - t0 - t_roll
-                stats = ppo_update(agent, opt, S, B, tau_state)
+                diagnostics = expert_diagnostics(agent, S, B) if evaluating else {}  # before the update changes them
+                stats = {**ppo_update(agent, opt, S, B, tau_state), **diagnostics}
             except NonFiniteError as e:  # nothing of this iteration is written: the last checkpoint stays good
                 fix = f"continue from the last good checkpoint with --resume {saved}" if saved else "rerun"
                 raise SystemExit(f"pamoe.py: error: iteration {it}: {e} is not finite; stopped before writing anything "
                                  f"of it. Lower the learning rates (or --max_grad_norm) and {fix}") from e
-            m = {"iteration": it, "success": np.mean([e["won"] for e in eps]),
-                 "return": np.mean([e["return"] for e in eps]), "steps": np.mean([e["steps"] for e in eps]),
-                 "switches": np.mean([e["switches"] for e in eps]), "invalid": np.mean(G["invalid"]),
-                 **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
-                    for tt in sorted({e["task_type"] for e in eps})},
-                 **{f"expert_share/{k}": np.mean(np.array(G["k"]) == k) for k in range(args.experts[0])},
-                 **stats, "resp_len_mean": np.mean(G["resp_len"]), "resp_len_max": max(G["resp_len"]),
-                 "env_steps": len(G["k"]), "rollout_s": t_roll, "prepare_s": t_prep,
-                 "update_s": time.time() - t0 - t_roll - t_prep, "iteration_s": time.time() - t0}
-            m["sps"] = m["env_steps"] / m["iteration_s"]
-            if args.eval_every and (it % args.eval_every == 0 or it == args.iterations):
-                t_eval = time.time()
-                em, tables = evaluate(agent, stats["tau"])
-                m.update(em, eval_s=time.time() - t_eval)
-                columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items()
-                                   if k.startswith("eval/success/"))
-                report = f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
-                if rank == 0:
-                    tqdm.write(report)
-                    with open(os.path.join(args.out_dir, "eval.log"), "a") as f:
-                        f.write(report + "\n")
-            m = {k: float(v) if k != "iteration" else v for k, v in m.items()}
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
+            m = {"iteration": it, **iteration_metrics(G, rollout_stats(G, args.num_envs), stats, args.experts[0]),
+                 "rollout_s": t_roll, "prepare_s": t_prep, "update_s": time.time() - t0 - t_roll - t_prep}
+            m.update(iteration_s=time.time() - t0, sps=m["env_steps"] / (time.time() - t0))
+            if evaluating:
+                m.update(report_evaluation(agent, it, stats["tau"]))
+            log(m)
             if it % args.ckpt_every == 0 or it == args.iterations:
                 save_checkpoint(ckpt_path, agent, opt, it, tau_state)
                 saved = ckpt_path
