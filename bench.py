@@ -2,10 +2,11 @@
 
 Run:
     python bench.py                 # timing table (CPU: tiny + mid model; CUDA: + Qwen2.5-1.5B's shape) -> bench.json
-    python bench.py ablation        # routing in {dense, token, trajectory, phase} x 3 seeds
-                                    # on the toy env with the tiny model -> runs/ablation/ablation.md
+    python bench.py ablation        # one LoRA (rank r and K*r), trajectory, token, phase routing x seeds 1-8 on
+                                    # the demo's settings, 2 runs at a time -> runs/ablation/ablation.md, with 95%
+                                    # bootstrap intervals, phase against every arm, occupancy and conflict
     bash run.sh bench | ablation    # the same, in the project's environment
-    python bench.py ablation --num_envs 16   # flags bench.py does not know go to every pamoe.py run
+    python bench.py ablation --info_coef 0   # flags bench.py does not know go to every pamoe.py run
     python bench.py memory          # activation bytes per token of one PPO micro-batch on Qwen2.5-1.5B's shape
                                     # (CPU, random bf16 weights), with and without --grad_ckpt; the GPU table
     python bench.py preflight [pamoe.py flags]   # one rollout step and one PPO micro-batch at the largest sizes the
@@ -48,7 +49,7 @@ import envs
 import pamoe
 
 # Qwen2 shapes: hidden, intermediate, layers, heads, kv heads, vocab; fwd+bwd batch: sequences x tokens
-SIZES = {"tiny": dict(batch=(8, 256)),  # pamoe.build_tiny, the CI and CPU-demo model
+SIZES = {"tiny": dict(batch=(8, 256)),  # envs.build_tiny, the CI and CPU-demo model
          "mid": dict(shape=(512, 1408, 8, 8, 2, 32000), batch=(8, 256)),
          "qwen2.5-1.5b": dict(shape=(1536, 8960, 28, 12, 2, 151936), batch=(4, 1024))}
 
@@ -56,7 +57,7 @@ SIZES = {"tiny": dict(batch=(8, 256)),  # pamoe.build_tiny, the CI and CPU-demo 
 def build(size, device, dtype):
     """The frozen base model of one size."""
     if size == "tiny":
-        model = pamoe.build_tiny(envs.vocabulary(), seed=0)[0]
+        model = envs.build_tiny(envs.vocabulary(), seed=0)[0]
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
         d, inter, layers, heads, kv, vocab = SIZES[size]["shape"]
@@ -493,7 +494,7 @@ def arms(K, r):
             "trajectory": ["--routing", "trajectory"], "token": ["--routing", "token"], "phase": ["--routing", "phase"]}
 
 
-RESERVED = ("--routing", "--dense_rank", "--seed", "--out_dir", "--resume", "--model")  # set by the ablation itself
+RESERVED = ("--routing", "--dense_rank", "--seed", "--iterations", "--out_dir", "--resume", "--model")  # set by the ablation itself
 
 
 def finished(out_dir, args):
@@ -528,7 +529,7 @@ def save_base(a, folder):
 
 
 def run_ablation(opts, passthrough, command):
-    base_args = pamoe.parse_args(passthrough)  # bad pamoe flags stop here, not 40 times
+    base_args = pamoe.parse_args([*passthrough, "--iterations", str(opts.iterations)])  # bad flags stop here, once
     K, r = base_args.num_experts, base_args.rank
     table, names = arms(K, r), opts.routings.split(",") if opts.routings else list(arms(K, r))
     unknown = [n for n in names if n not in table]
@@ -545,7 +546,8 @@ def run_ablation(opts, passthrough, command):
              for s in seeds}
     jobs = [(n, s, os.path.join(opts.out_dir, f"{n.replace(' ', '-').replace('=', '')}-seed{s}")) for s in seeds
             for n in names]
-    jobs = [(n, s, out, [*passthrough, *table[n], *model[s], "--seed", str(s), "--out_dir", out]) for n, s, out in jobs]
+    jobs = [(n, s, out, [*passthrough, *table[n], *model[s], "--seed", str(s), "--iterations", str(opts.iterations),
+                         "--out_dir", out]) for n, s, out in jobs]
     todo = [j for j in jobs if finished(j[2], j[3]) is None]
     workers = opts.jobs or max(1, min(len(todo), os.cpu_count() or 1))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
@@ -816,6 +818,8 @@ def main(argv=None):
     parser.add_argument("--routings", default="", help="comma list of dense, 'dense r=<K*r>', trajectory, token, "
                         "phase (default: all)")
     parser.add_argument("--seeds", default="1,2,3,4,5,6,7,8", help="comma list of seeds")
+    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (the demo runs 60; 40 runs "
+                        "of 40 fit an hour on 2 cores)")
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")
     parser.add_argument("--out_dir", default="runs/ablation", help="one folder per run + ablation.md")
     opts, passthrough = parser.parse_known_args(rest)

@@ -1,5 +1,6 @@
 """Text environments for PA-MoE: one small interface, a toy ALFWorld in miniature, real ALFWorld (the `alfworld`
-package's text engine) with an offline mini game set, the prompt and the projection from model text to a command.
+package's text engine) with an offline mini game set, the prompt and the projection from model text to a command,
+and `tiny`, the toy's stand-in for a pretrained LLM (built and warmed up here, frozen in pamoe.py).
 
 Interface (every env, batched over N lanes stepped in lockstep):
     batch.reset(seeds)  -> list of (observation, info)
@@ -7,6 +8,7 @@ Interface (every env, batched over N lanes stepped in lockstep):
                            whose action is None (its episode already ended)
     batch.step_phase(info, command) -> the phase label of a step (analysis only, never training): toy, the hidden
                            phase of the state (find / take / transform / carry / place); alfworld, the verb's phase
+    batch.solve(n)      -> toy only: the scripted solver's next command in lane n (tiny's warm-up)
     info: goal, admissible (list of commands), task_type, won (toy: also phase; alfworld: also game)
 
 Command line:
@@ -578,6 +580,85 @@ def parse_action(text, admissible):
         return listed[int(text) - 1], True
     cmd = " ".join(text.lower().split())
     return (cmd, True) if cmd in listed else (None, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `tiny`: the CPU demo's stand-in for a pretrained LLM (pamoe.py --model tiny). Built from a config, then warmed up
+# before it is frozen on the toy's own text: the answer format and a weak prior of every task type, as an
+# instruction-tuned LLM brings to ALFWorld (the paper's base wins some games by prompting alone).
+# ---------------------------------------------------------------------------------------------------------
+def build_tiny(vocab, seed):
+    """A 2-layer Qwen2-architecture model with a word-level tokenizer built from `vocab`, random weights: no
+    download anywhere."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    words = ["<pad>", "<unk>", "<eos>"] + vocab
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece()  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, initializer_range=0.1, pad_token_id=0, eos_token_id=2,
+                         bos_token_id=2)
+    return Qwen2ForCausalLM(config), tok
+
+
+def pretrain_tiny(model, tok, args, batch=32):
+    """Stand-in for pretraining, `tiny` only: --tiny_steps supervised steps on the base before it is frozen, on the
+    prompts of toy episodes played by a noisy solver (each step the scripted solver's command with probability
+    q = --tiny_prior, else a uniformly drawn admissible one). Loss: next-token prediction on the prompt (the text a
+    pretrained model has read) + cross-entropy of the answer label to that same mixture, (1 - q) uniform + q one-hot
+    (solver): the answer format and a weak prior of every task type, as an instruction-tuned LLM brings one (q = 0:
+    the format only, no skill)."""
+    import torch
+    import torch.nn.functional as F
+    if args.tiny_steps == 0:
+        return
+    rng, q = random.Random(args.seed), args.tiny_prior if args.env == "toy" else 0.0
+    env_batch = make_env_batch(args.env, batch, args.max_steps, "train", args.alfworld_data)
+    with contextlib.closing(env_batch):
+        prompts, n_labels, solver = [], [], []
+        for ep in range(4):
+            # negative seeds: toy episodes training never sees (alfworld: training games; no solver, q = 0)
+            obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])
+            history, live = [[] for _ in range(batch)], [True] * batch
+            for t in range(args.max_steps):
+                actions = [None] * batch
+                for n, (obs, info) in enumerate(obs_info):
+                    if live[n]:
+                        listed = listed_actions(info["admissible"])
+                        best = env_batch.solve(n) if q else listed[0]
+                        prompts.append(build_prompt(info["goal"], obs, history[n][-args.history:] if args.history else [],
+                                                   info["admissible"], t, args.max_steps, args.action_format))
+                        n_labels.append(len(listed))
+                        solver.append(listed.index(best))
+                        actions[n] = best if rng.random() < q else rng.choice(listed)
+                        history[n].append((obs, actions[n]))
+                for n, res in enumerate(env_batch.step(actions)):
+                    if res is not None:
+                        obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
+    label_ids = torch.tensor([tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(args.tiny_steps):
+        idx = [rng.randrange(len(prompts)) for _ in range(batch)]
+        enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
+                  add_special_tokens=False)
+        logits = model.get_output_embeddings()(model.base_model(**enc).last_hidden_state).float()  # (B, T, V)
+        last = logits[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, V) after the prompt's last token
+        logp = F.log_softmax(last, -1)[:, label_ids]  # (B, n)
+        n = torch.tensor([n_labels[i] for i in idx])[:, None]
+        target = (torch.arange(len(label_ids))[None] < n) * (1 - q) / n  # (B, n): (1 - q) uniform + q solver
+        target[torch.arange(batch), [solver[i] for i in idx]] += q
+        loss = -(target * logp).sum(1).mean()  # cross-entropy to the mixture
+        # next-token prediction on the prompt text itself: what pretraining would have given the base
+        nxt = torch.where(enc.attention_mask[:, 1:].bool(), enc.input_ids[:, 1:], -100)
+        loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), nxt.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 # What ALFWorld's engine says, for the `tiny` model's word-level vocabulary (words outside it read as <unk>)

@@ -1,45 +1,28 @@
 """PA-MoE: Phase-Aware Mixture of Experts for agentic RL, in one file (arXiv 2602.17038).
 
 A frozen causal LM carries K LoRA experts. A lightweight phase router picks ONE expert per environment step from
-frozen-base features of the observation, the goal and the last few steps; every token of that step's response
-comes from that expert, and PPO with a turn-level critic trains experts, router and critic together. A soft
-temporal-consistency penalty keeps the router from switching without reason, so that experts can specialise on
-behavioural phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
+frozen-base features of the observation, the goal and the last few steps; every token of that step's response comes
+from that expert, and PPO with a turn-level critic trains experts, router and critic together. A soft temporal-
+consistency penalty keeps the router from switching without reason, so that experts can specialise on behavioural
+phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
 
 Run:
-    bash run.sh                 # CPU: toy env + `tiny` model (4-6 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
-    bash run.sh preflight       # memory and time of the configured sizes, then exit (bench.py)
-    python pamoe.py --env alfworld --alfworld_data DIR   # real ALFWorld (official games or envs.py's mini set)
-    python pamoe.py --routing token                      # ablations: phase (default) | token | trajectory | dense
-    torchrun --nproc_per_node 8 pamoe.py ...             # data parallel: the same update, lanes shared by rank
-    python pamoe.py --help                               # every flag; --resume <out_dir>/checkpoint.pt continues
+    bash run.sh                          # CPU: toy env + `tiny` model (~3 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
+    python pamoe.py --routing token      # ablations: phase (default) | token | trajectory | dense
+    python pamoe.py --resume runs/pamoe/checkpoint.pt --eval_only --show 2   # or --export DIR (PEFT adapters)
+    torchrun --nproc_per_node 8 pamoe.py ...                                   # data parallel
+    python pamoe.py --help               # every flag
 
-Departures from the paper (README has the measurements behind each):
-- PPO with a turn-level critic and GAE (the brief), not GiGPO. The critic reads what the router reads, through its
-  own encoder (a copy of the router's, separately trained).
-- The router learns straight-through (gates = onehot + p - stopgrad(p)): the paper does not say how it learns
-  "from the RL objective", and its released code never calls its router.
-- Behaviour information (not in the paper): the router also maximises lambda_i I(k; v), the mutual information
-  between its expert k and the verb v of the agent's previous action (`go`, `take`, `move`, `clean`, ...; no
-  label: which verbs share an expert is learnt), as in discriminative clustering (Krause et al. 2010; IIC). With
-  the paper's terms alone the router collapses onto one expert in every seed. The verb of the action being taken
-  routed by phase too, but the expert then decides the verb it is predicted to take: a step routed to the "go"
-  expert never tries the transform it has not yet seen: 4 of 8 such runs learnt no rare type (every one <= 0.04),
-  none of 12 with the previous verb.
-- Load balance: Switch Transformer's K sum_k f_k P_k with lambda_b 0.01 (paper: sum_k (P_k - 1/K)^2, 0.001;
-  `--balance sq`).
-- Router input [observation ; goal context ; LSTM state] (2d+256, paper d+256); the LSTM reads [observation ;
-  previous action] features of the last L steps. The step's expert also runs over its prompt tokens.
-- Token routing (`--routing token`, LoRA-MoE baseline): per-layer token routers trained through the gate value;
-  its "expert of a step" (tables only) is the one chosen most often. No diversity term (unused in the code too).
-- ALFWorld: the real alfworld 0.4.2 engine, one worker process per environment; run.sh scales the paper's 128
-  environments to 32 on one GPU and samples with HF generate (paper: vLLM).
-- The CPU demo: answers are action numbers (`--action_format label`; `tagged` is the paper's <think>/<action>);
-  `tiny` gets `--tiny_format_steps` supervised steps before it is frozen (next-token prediction on random-action
-  episodes and a uniformly random admissible label: format, no skill); no history in the prompt (the toy's
-  observation tells the state); lr 1e-3 for experts and critic, 2 PPO epochs, entropy 0.01, clip 0.3 (paper 0.2),
-  60 iterations. The toy (envs.py): 5 places, task mix 0.4 / 0.2 / 0.2 / 0.2, an untransformed object put at the
-  target fails the task.
+Departures from the paper, one line each (FINDINGS.md has the evidence):
+- PPO with a turn-level critic and GAE (the brief), not GiGPO; the critic has its own copy of the router's encoder.
+- The router learns straight-through (gates = onehot + p - stopgrad(p)); the paper does not say how.
+- Behaviour information: the router also maximises lambda_i I(k; verb of the previous action) (not in the paper).
+- Load balance: Switch Transformer's K sum_k f_k P_k, lambda_b 0.01 (paper: sum_k (P_k - 1/K)^2; --balance sq).
+- Router input [observation ; goal context ; LSTM state]; the LSTM reads [observation ; previous action] features.
+- Token routing (LoRA-MoE baseline) trains its per-layer routers through the gate value; no diversity term.
+- ALFWorld: one alfworld 0.4.2 worker process per environment; 32 environments on one GPU; HF generate, not vLLM.
+- CPU demo only: action numbers as answers; `tiny` warmed up on noisy-solver episodes (a weak prior); router and
+  critic LSTM 64 x 1 (paper 256 x 3); lr 1e-3, clip 0.3, entropy 0.01, linearly annealed learning rates.
 """
 import argparse
 import contextlib
@@ -85,25 +68,23 @@ class Args:
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("auto", "weights of the frozen base: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
-    out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log and checkpoint.pt go")
-    resume: str = arg("", "checkpoint to resume from (continues to --iterations), or to evaluate / export")
-    eval_only: bool = arg(False, "with --resume: evaluate the checkpoint (on --eval_split, --eval_episodes) into "
-                                 "<out_dir>/eval.json, train nothing; every other flag as it was trained")
+    out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log, checkpoint.pt (and eval.json) go")
+    resume: str = arg("", "a checkpoint: continue it to --iterations, or use it with --eval_only / --export")
+    eval_only: bool = arg(False, "evaluate --resume into <out_dir>/eval.json, train nothing (other flags: trained)")
     show: int = arg(0, "with --eval_only: print this many whole evaluation episodes, step by step")
-    export: str = arg("", "with --resume: write the experts as PEFT LoRA adapters and the router to this folder")
-    iterations: int = arg(40, "training iterations (one rollout + one PPO update each)")
+    export: str = arg("", "write --resume's experts as PEFT LoRA adapters (and its router) to this folder")
+    iterations: int = arg(60, "training iterations (one rollout + one PPO update each)")
     num_envs: int = arg(32, "environments stepped in lockstep per iteration (one episode each)")
-    max_steps: int = arg(15, "step limit per episode (truncation, bootstrapped)")
+    max_steps: int = arg(15, "step limit per episode (truncation, bootstrapped; paper, ALFWorld: 50)")
     history: int = arg(0, "past observation/action pairs shown in the prompt (paper: 2; the toy needs none)")
     max_prompt_tokens: int = arg(2048, "prompt limit: the oldest history is dropped to fit, then the left is cut")
     action_format: str = arg("label", "label (number of an admissible action) | tagged (<think>/<action>)")
     max_new_tokens: int = arg(1, "response length limit per step (512 for the tagged format)")
-    tiny_steps: int = arg(400, "`tiny` only: supervised steps on the base before it is frozen (format and prior)")
-    tiny_prior: float = arg(0.15, "`tiny`: the toy solver's share q of the warm-up's answers, a weak prior of every "
-                                  "task type (0, and always on ALFWorld, which has no solver: the answer format only)")
+    tiny_steps: int = arg(400, "`tiny` only: supervised warm-up steps of the base before it is frozen")
+    tiny_prior: float = arg(0.15, "`tiny`: the toy solver's share of the warm-up's answers (0, and on ALFWorld: none)")
     temperature: float = arg(1.0, "rollout sampling temperature (also the temperature of PPO log-probs)")
     eval_temperature: float = arg(0.4, "evaluation sampling temperature")
-    eval_every: int = arg(10, "evaluate every N iterations (and after the last); 0 = never")
+    eval_every: int = arg(10, "evaluate every N iterations, before the first and after the last; 0 = never")
     eval_episodes: int = arg(128, "evaluation episodes, on a fixed set of seeds")
     ckpt_every: int = arg(10, "checkpoint every N iterations (and after the last)")
     # experts
@@ -115,24 +96,23 @@ class Args:
     targets: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated names of the linear layers given experts")
     # router
     router_window: int = arg(5, "L: past steps read by the router's recurrent encoder")
-    router_hidden: int = arg(64, "LSTM units of the router (and critic) encoder (paper: 256)")
-    router_layers: int = arg(1, "LSTM layers of the router and of the critic's encoder (paper: 3)")
+    router_hidden: int = arg(64, "LSTM units of the router and critic encoders (paper: 256)")
+    router_layers: int = arg(1, "LSTM layers of the router and critic encoders (paper: 3)")
     tau_start: float = arg(2.0, "router softmax temperature at the start")
     tau_end: float = arg(0.5, "router softmax temperature after --tau_steps router updates")
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly")
     switch_coef: float = arg(0.05, "lambda_s: temporal-consistency (soft switch) penalty")
-    balance: str = arg("switch", "load balance loss: switch (Switch Transformer; measured best, README) | sq (paper)")
+    balance: str = arg("switch", "load balance loss: switch (Switch Transformer) | sq (paper)")
     balance_coef: float = arg(0.01, "lambda_b: weight of the balance loss (switch: the usual 1e-2; paper's sq: 1e-3)")
-    info_coef: float = arg(10.0, "lambda_i: weight of I(expert; previous action's verb), maximised (0: the paper's "
-                                 "objective, which collapses onto one expert; README)")
+    info_coef: float = arg(10.0, "lambda_i: weight of I(expert; previous action's verb), maximised (0: paper)")
     # PPO
     gamma: float = arg(0.95, "discount per environment step")
     gae_lambda: float = arg(0.95, "GAE lambda")
-    clip: float = arg(0.3, "PPO clip range (paper pipeline: 0.2; 0.3 lets rare wins move the policy, README)")
+    clip: float = arg(0.3, "PPO clip range (paper pipeline: 0.2)")
     kl_coef: float = arg(0.01, "KL to the reference policy (experts off), k3 estimator")
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
-    epochs: int = arg(1, "PPO epochs over each rollout (paper pipeline: 1)")
+    epochs: int = arg(1, "PPO epochs over each rollout")
     minibatch: int = arg(32, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
     micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
     grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
@@ -140,7 +120,7 @@ class Args:
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
     lr_router: float = arg(1e-4, "learning rate of the router (paper: 1e-4)")
     lr_critic: float = arg(1e-3, "learning rate of the critic")
-    anneal_lr: bool = arg(True, "learning rates decay linearly to 0 over --iterations (cleanrl's PPO default)")
+    anneal_lr: bool = arg(True, "learning rates decay linearly to 0 over --iterations (cleanrl; paper: constant)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
 
     def validate(self, games=True):
@@ -309,89 +289,12 @@ def all_gather(obj):
 
 
 # --- Model: a frozen causal LM with K LoRA experts on the target linears ----------------------------------------------
-def build_tiny(vocab, seed):
-    """A 2-layer Qwen2-architecture model with a word-level tokenizer built from `vocab`. Random weights: no
-    download anywhere; the experts must learn everything the task needs on top of a random frozen network."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    words = ["<pad>", "<unk>", "<eos>"] + vocab
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece()  # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, initializer_range=0.1, pad_token_id=0, eos_token_id=2,
-                         bos_token_id=2)
-    return Qwen2ForCausalLM(config), tok
-
-
-def step_prompt(args, info, obs, history, t, keep=None):
-    """The prompt of one env step with its last `keep` (default --history) observation/action pairs."""
-    keep = args.history if keep is None else keep
-    return envs.build_prompt(info["goal"], obs, history[-keep:] if keep else [], info["admissible"], t,
-                             args.max_steps, args.action_format)
-
-
-def pretrain_tiny(model, tok, args, batch=32):
-    """Stand-in for pretraining, `tiny` only: --tiny_steps supervised steps on the base before it is frozen, on the
-    prompts of toy episodes played by a noisy solver (each step the scripted solver's command with probability
-    q = --tiny_prior, else a uniformly drawn admissible one). Loss: next-token prediction on the prompt (the text a
-    pretrained model has read) + cross-entropy of the answer label to that same mixture, (1 - q) uniform + q one-hot
-    (solver): the answer format and a weak prior of every task type, as an instruction-tuned LLM brings one (q = 0:
-    the format only, no skill)."""
-    if args.tiny_steps == 0:
-        return
-    rng, q = random.Random(args.seed), args.tiny_prior if args.env == "toy" else 0.0
-    env_batch = envs.make_env_batch(args.env, batch, args.max_steps, "train", args.alfworld_data)
-    with contextlib.closing(env_batch):
-        prompts, n_labels, solver = [], [], []
-        for ep in range(4):
-            # negative seeds: toy episodes training never sees (alfworld: training games; no solver, q = 0)
-            obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])
-            history, live = [[] for _ in range(batch)], [True] * batch
-            for t in range(args.max_steps):
-                actions = [None] * batch
-                for n, (obs, info) in enumerate(obs_info):
-                    if live[n]:
-                        listed = envs.listed_actions(info["admissible"])
-                        best = env_batch.solve(n) if q else listed[0]
-                        prompts.append(step_prompt(args, info, obs, history[n], t))
-                        n_labels.append(len(listed))
-                        solver.append(listed.index(best))
-                        actions[n] = best if rng.random() < q else rng.choice(listed)
-                        history[n].append((obs, actions[n]))
-                for n, res in enumerate(env_batch.step(actions)):
-                    if res is not None:
-                        obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
-    label_ids = torch.tensor([tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(args.tiny_steps):
-        idx = [rng.randrange(len(prompts)) for _ in range(batch)]
-        enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
-                  add_special_tokens=False)
-        logits = model.get_output_embeddings()(model.base_model(**enc).last_hidden_state).float()  # (B, T, V)
-        last = logits[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, V) after the prompt's last token
-        logp = F.log_softmax(last, -1)[:, label_ids]  # (B, n)
-        n = torch.tensor([n_labels[i] for i in idx])[:, None]
-        target = (torch.arange(len(label_ids))[None] < n) * (1 - q) / n  # (B, n): (1 - q) uniform + q solver
-        target[torch.arange(batch), [solver[i] for i in idx]] += q
-        loss = -(target * logp).sum(1).mean()  # cross-entropy to the mixture
-        # next-token prediction on the prompt text itself: what pretraining would have given the base
-        nxt = torch.where(enc.attention_mask[:, 1:].bool(), enc.input_ids[:, 1:], -100)
-        loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), nxt.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 def load_model(args, device):
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (  # of the frozen base; trained parts: float32
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.model == "tiny":
-        model, tok = build_tiny(envs.vocabulary(args.env), args.seed)
-        pretrain_tiny(model, tok, args)
+        model, tok = envs.build_tiny(envs.vocabulary(args.env), args.seed)
+        envs.pretrain_tiny(model, tok, args)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:  # no such folder or name, no network for a hub name, no weights, not a causal LM, no tokenizer
@@ -687,7 +590,9 @@ class Agent(nn.Module):
         """The model's prompt of one step within --max_prompt_tokens: the oldest history goes first; if even the
         prompt without history is too long, the tokenizer cuts its left end (truncation_side left)."""
         for keep in range(min(self.args.history, len(history)), -1, -1):
-            text = self.format_prompt(step_prompt(self.args, info, obs, history, t, keep))
+            text = self.format_prompt(envs.build_prompt(info["goal"], obs, history[-keep:] if keep else [],
+                                                        info["admissible"], t, self.args.max_steps,
+                                                        self.args.action_format))
             if keep == 0 or len(self.tok(text, add_special_tokens=False).input_ids) <= self.args.max_prompt_tokens:
                 return text  # keep 0: nothing left to drop; the tokenizer cuts the left end if it must
 
@@ -1384,6 +1289,23 @@ def start_run(args, agent, opt, tau_state):
     return start
 
 
+def use_checkpoint(agent):
+    """--eval_only and --export: the checkpoint's trained agent, used as it is."""
+    a, tau_state = agent.args, {"updates": 0}
+    it = load_checkpoint(a.resume, agent, None, tau_state)
+    tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
+    if a.export and rank_world()[0] == 0:
+        export_experts(agent, a.export, it, tau)
+    return evaluate_checkpoint(agent, it, tau) if a.eval_only else {}
+
+
+def log_metrics(out_dir, m):
+    """One line of metrics.jsonl (rank 0)."""
+    if rank_world()[0] == 0:
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({k: float(v) if k != "iteration" else v for k, v in m.items()}) + "\n")
+
+
 def train(args):
     """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone writes files)."""
     cuda, rank = args.device == "cuda", rank_world()[0]
@@ -1394,26 +1316,15 @@ def train(args):
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     seed_everything(args.seed)  # the same model, experts, router and critic on every rank
     agent = Agent(args, device)
-    if args.eval_only or args.export:  # a trained agent, used as it is
-        tau_state = {"updates": 0}
-        it = load_checkpoint(args.resume, agent, None, tau_state)
-        tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
-        if args.export and rank == 0:
-            export_experts(agent, args.export, it, tau)
-        return evaluate_checkpoint(agent, it, tau) if args.eval_only else {}
+    if args.eval_only or args.export:
+        return use_checkpoint(agent)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
-    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    lrs, tau_state = {g["name"]: g["lr"] for g in opt.param_groups}, {"updates": 0}
     torch.manual_seed(args.seed + rank)  # and from here one sampling stream per rank
-    tau_state = {"updates": 0}
     start = start_run(args, agent, opt, tau_state)
     saved, ckpt_path = args.resume, os.path.join(args.out_dir, "checkpoint.pt")  # saved: the last good checkpoint
-
-    def log(m):
-        if rank == 0:
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({k: float(v) if k != "iteration" else v for k, v in m.items()}) + "\n")
     if start == 0 and args.eval_every:  # the frozen base's own success: where every routing mode starts
-        log({"iteration": 0, **report_evaluation(agent, 0, args.tau_start)})
+        log_metrics(args.out_dir, {"iteration": 0, **report_evaluation(agent, 0, args.tau_start)})
     lanes, last = my_lanes(args.num_envs), {}
     env_batch = envs.make_env_batch(args.env, len(lanes), args.max_steps, "train", args.alfworld_data)
     with contextlib.closing(env_batch):  # workers end with the run, however it ends
@@ -1439,11 +1350,11 @@ def train(args):
                 raise SystemExit(f"pamoe.py: error: iteration {it}: {e} is not finite; stopped before writing anything "
                                  f"of it. Lower the learning rates (or --max_grad_norm) and {fix}") from e
             m = {"iteration": it, **iteration_metrics(G, rollout_stats(G, args.num_envs), stats, args.experts[0]),
-                 "rollout_s": t_roll, "prepare_s": t_prep, "update_s": time.time() - t0 - t_roll - t_prep}
-            m.update(iteration_s=time.time() - t0, sps=m["env_steps"] / (time.time() - t0))
-            if evaluating:
-                m.update(report_evaluation(agent, it, stats["tau"]))
-            log(m)
+                 "rollout_s": t_roll, "prepare_s": t_prep, "update_s": time.time() - t0 - t_roll - t_prep,
+                 "iteration_s": time.time() - t0}
+            m.update(sps=m["env_steps"] / m["iteration_s"], **(report_evaluation(agent, it, stats["tau"]) if evaluating
+                                                               else {}))
+            log_metrics(args.out_dir, m)
             if it % args.ckpt_every == 0 or it == args.iterations:
                 save_checkpoint(ckpt_path, agent, opt, it, tau_state)
                 saved = ckpt_path

@@ -851,15 +851,17 @@ def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_interv
     routing and the diagnostics; a second call finds every run done."""
     import bench
     out = str(tmp_path / "ablation")
-    flags = SMALL + ["--iterations", "1", "--eval_every", "1", "--eval_episodes", "4", "--tiny_steps", "3"]
-    bench.main(["ablation", "--routings", "phase,dense", "--seeds", "1,2", "--jobs", "2", "--out_dir", out, *flags])
+    flags = SMALL + ["--eval_every", "1", "--eval_episodes", "4", "--tiny_steps", "3"]
+    bench.main(["ablation", "--routings", "phase,dense", "--seeds", "1,2", "--iterations", "1", "--jobs", "2",
+                "--out_dir", out, *flags])
     report = open(os.path.join(out, "ablation.md")).read()
     for needle in ("| phase | ", "| dense | ", "| dense | +", "Verdict (area under the curve): phase routing",
                    "occupancy", "conflict"):
         assert needle in report, needle
     assert re.search(r"\| phase \| \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", report)  # mean [95% interval]
     capsys.readouterr()
-    bench.main(["ablation", "--routings", "phase,dense", "--seeds", "1,2", "--out_dir", out, *flags])
+    bench.main(["ablation", "--routings", "phase,dense", "--seeds", "1,2", "--iterations", "1", "--out_dir", out,
+                *flags])
     assert "4 runs (4 already done)" in capsys.readouterr().out
     built = make_agent("--tiny_steps", "3", seed=1)
     loaded = make_agent("--tiny_steps", "3", "--model", os.path.join(out, "base-seed1"), seed=1)
