@@ -454,7 +454,8 @@ def interval(x, stat=mean, seed=0):
 def difference(x, y, stat=mean):
     """stat(x) - stat(y) and its 95% bootstrap interval, the runs of the two arms resampled independently."""
     d = stat(resample(x, 1)) - stat(resample(y, 2))
-    return float(stat(np.asarray(x, dtype=float)) - stat(np.asarray(y, dtype=float))), tuple(np.percentile(d, [2.5, 97.5]))
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(stat(x) - stat(y)), tuple(np.percentile(d, [2.5, 97.5]))
 
 
 def improvement(x, y):
@@ -494,7 +495,8 @@ def arms(K, r):
             "trajectory": ["--routing", "trajectory"], "token": ["--routing", "token"], "phase": ["--routing", "phase"]}
 
 
-RESERVED = ("--routing", "--dense_rank", "--seed", "--iterations", "--out_dir", "--resume", "--model")  # set by the ablation itself
+# set by the ablation itself
+RESERVED = ("--routing", "--dense_rank", "--seed", "--iterations", "--out_dir", "--resume", "--model")
 
 
 def finished(out_dir, args):
@@ -506,8 +508,8 @@ def finished(out_dir, args):
             lines = [json.loads(line) for line in f]
     except FileNotFoundError:
         return None
-    done = same and lines and lines[-1]["iteration"] == pamoe.parse_args(args).iterations and "eval/success" in lines[-1]
-    return lines if done else None
+    done = same and lines and lines[-1]["iteration"] == pamoe.parse_args(args).iterations
+    return lines if done and "eval/success" in lines[-1] else None
 
 
 def save_base(a, folder):

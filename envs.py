@@ -631,8 +631,9 @@ def pretrain_tiny(model, tok, args, batch=32):
                     if live[n]:
                         listed = listed_actions(info["admissible"])
                         best = env_batch.solve(n) if q else listed[0]
-                        prompts.append(build_prompt(info["goal"], obs, history[n][-args.history:] if args.history else [],
-                                                   info["admissible"], t, args.max_steps, args.action_format))
+                        past = history[n][-args.history:] if args.history else []
+                        prompts.append(build_prompt(info["goal"], obs, past, info["admissible"], t, args.max_steps,
+                                                    args.action_format))
                         n_labels.append(len(listed))
                         solver.append(listed.index(best))
                         actions[n] = best if rng.random() < q else rng.choice(listed)

@@ -7,7 +7,7 @@ consistency penalty keeps the router from switching without reason, so that expe
 phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
 
 Run:
-    bash run.sh                          # CPU: toy env + `tiny` model (~3 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
+    bash run.sh                          # CPU: toy env + `tiny` (~4 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
     python pamoe.py --routing token      # ablations: phase (default) | token | trajectory | dense
     python pamoe.py --resume runs/pamoe/checkpoint.pt --eval_only --show 2   # or --export DIR (PEFT adapters)
     torchrun --nproc_per_node 8 pamoe.py ...                                   # data parallel
@@ -188,7 +188,8 @@ RANGES = {
     "seed": "[0, 4294967295]", "iterations": "[0, inf)", "num_envs": "[1, 4096]", "max_steps": "[1, 1000]",
     "history": "[0, 1000]", "max_prompt_tokens": "[64, 131072]", "max_new_tokens": "[1, 8192]",
     "tiny_steps": "[0, 100000]", "tiny_prior": "[0, 1]", "temperature": "(0, inf)", "eval_temperature": "(0, inf)",
-    "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "show": "[0, 4096]", "ckpt_every": "[1, inf)", "num_experts": "[1, 16]",
+    "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "show": "[0, 4096]", "ckpt_every": "[1, inf)",
+    "num_experts": "[1, 16]",
     "rank": "[1, 1024]", "alpha": "(0, inf)", "dense_rank": "[0, 16384]", "router_window": "[1, 1000]",
     "router_hidden": "[1, 4096]", "router_layers": "[1, 16]", "tau_start": "(0, inf)", "tau_end": "(0, inf)",
     "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)", "info_coef": "[0, inf)",
@@ -671,7 +672,8 @@ def generate(agent, prompts, gates, temperature):
     with agent.routing(gates):
         out = agent.lm.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                 max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                eos_token_id=tok.eos_token_id, stopping_criteria=[stop_at(tok, stop, P)] if stop else None)
+                                eos_token_id=tok.eos_token_id,
+                                stopping_criteria=[stop_at(tok, stop, P)] if stop else None)
     voted = None if gates is not None else torch.cat([F.one_hot(c, K).reshape(len(prompts), -1, K)
                                                       for c in agent.routing.token_choices], 1).sum(1).argmax(-1)
     samples = []
@@ -706,7 +708,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
         lane_idx = torch.tensor(lanes, device=dev)
         win = torch.tensor([feats.window(n, t) for n in lanes], device=dev)  # (A, L)
         if agent.router is not None and (a.routing == "phase" or t == 0):  # trajectory: decide at step 0 only
-            p = router_probs(agent.router, torch.stack(feats.rows)[win], goal_states[lane_idx], goal_mask[lane_idx], tau)
+            p = router_probs(agent.router, torch.stack(feats.rows)[win], goal_states[lane_idx], goal_mask[lane_idx],
+                             tau)
             k = p.argmax(-1) if greedy_router else torch.multinomial(p, 1)[:, 0]
             episode_k[lane_idx], episode_p[lane_idx] = k, p
         k = episode_k[lane_idx]  # dense: expert 0

@@ -455,7 +455,8 @@ def read_metrics(out_dir):
                                    ["--balance", "sq"], ["--routing", "dense", "--dense_rank", "16"]])
 def test_every_routing_mode_trains_through_the_same_loop(tmp_path, flags):
     out = str(tmp_path / "run")
-    last = pamoe.main(SMALL + ["--iterations", "1", "--eval_every", "1", "--eval_episodes", "4", "--out_dir", out] + flags)
+    last = pamoe.main(SMALL + ["--iterations", "1", "--eval_every", "1", "--eval_episodes", "4", "--out_dir", out]
+                      + flags)
     assert all(math.isfinite(v) for k, v in last.items() if k != "explained_variance")
     assert 0 <= last["eval/success"] <= 1
     if "trajectory" in flags or "dense" in flags:
@@ -582,7 +583,7 @@ def test_a_model_that_cannot_load_stops_with_the_fix(tmp_path, monkeypatch, case
     elif case == "not a causal LM":
         T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=2, d_kv=4, vocab_size=10).save_pretrained(path)
     else:
-        model, tok = pamoe.build_tiny(["go"], 0)
+        model, tok = envs.build_tiny(["go"], 0)
         model.save_pretrained(path)
         tok.pad_token = tok.eos_token = None
         tok.save_pretrained(path)
@@ -1040,7 +1041,7 @@ def test_memory_model_counts_what_backward_keeps_and_checkpointing_cuts_it():
     """bench.py memory's measurement on the tiny model: bytes kept for backward grow linearly with length, and with
     --grad_ckpt little more than each layer's input stays; the derived table ranks the GPUs and the flag sensibly."""
     import bench
-    model = pamoe.build_tiny(envs.vocabulary(), 0)[0].eval().requires_grad_(False)
+    model = envs.build_tiny(envs.vocabulary(), 0)[0].eval().requires_grad_(False)
     routing = bench.attach(model, "phase", 4, 8)
     plain = [bench.micro_batch_bytes(model, routing, 4, T, 16)[0] / T for T in (64, 128)]
     pamoe.checkpoint_layers(model)
@@ -1149,7 +1150,8 @@ def test_two_ranks_train_evaluate_checkpoint_and_resume_with_torchrun(tmp_path, 
     assert [m["iteration"] for m in metrics] == [0, 1, 2]  # one line per iteration: rank 0 alone writes
     # statistics of all 4 training and 6 evaluation episodes, not of one rank's half: a toy episode takes >= 4 steps
     assert all(m["env_steps"] == 4 * m["steps"] >= 16 for m in metrics[1:])
-    eval_steps = sum(int(n) for n in re.findall(r"\(n=(\d+)\)", printed.split("[iteration 2]")[1])) / 2  # by task, phase
+    tables = printed.split("[iteration 2]")[1]  # usage by task type and by phase: each counts every step
+    eval_steps = sum(int(n) for n in re.findall(r"\(n=(\d+)\)", tables)) / 2
     assert eval_steps == 6 * metrics[-1]["eval/steps"] >= 24
     state = torch.load(ckpt, weights_only=False)
     assert state["world_size"] == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
