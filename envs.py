@@ -606,6 +606,20 @@ def build_tiny(vocab, seed):
     return Qwen2ForCausalLM(config), tok
 
 
+def saved_tiny_tokenizer(folder):
+    """`tiny`'s word-level tokenizer as saved in a model folder (an ablation's base, an export's base/), loaded as
+    written; None for any other folder. transformers 5's AutoTokenizer rebuilds the tokenizer of every qwen2 config as
+    byte-level BPE from the vocabulary alone, which cuts tiny's words into unknown pieces."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        if json.load(f).get("model", {}).get("type") != "WordLevel":
+            return None
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
 def pretrain_tiny(model, tok, args, batch=32):
     """Stand-in for pretraining, `tiny` only: --tiny_steps supervised steps on the base before it is frozen, on the
     prompts of toy episodes played by a noisy solver (each step the scripted solver's command with probability

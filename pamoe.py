@@ -7,7 +7,7 @@ consistency penalty keeps the router from switching without reason, so that expe
 phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
 
 Run:
-    bash run.sh                          # CPU: toy env + `tiny` (~4 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
+    bash run.sh                          # CPU: toy env + `tiny` (3-4 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
     python pamoe.py --routing token      # ablations: phase (default) | token | trajectory | dense
     python pamoe.py --resume runs/pamoe/checkpoint.pt --eval_only --show 2   # or --export DIR (PEFT adapters)
     torchrun --nproc_per_node 8 pamoe.py ...                                   # data parallel
@@ -300,7 +300,7 @@ def load_model(args, device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:  # no such folder or name, no network for a hub name, no weights, not a causal LM, no tokenizer
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(args.model)
+            tok = envs.saved_tiny_tokenizer(args.model) or AutoTokenizer.from_pretrained(args.model)
         except (OSError, ValueError) as e:
             raise SystemExit(f"pamoe.py: error: --model {args.model}: cannot load it as a causal LM with its "
                              f"tokenizer ({str(e).splitlines()[0]}); give a Hugging Face causal LM name (online, "
@@ -1148,7 +1148,9 @@ def export_experts(agent, folder, it, tau):
                                      targets=a.targets, letters=LETTERS[:K], tau=tau, window=a.router_window,
                                      vllm_rank=min(x for x in VLLM_RANKS if x >= r), base="base" if a.model == "tiny"
                                      else a.model, last=LETTERS[K - 1], tiny_note=" (pamoe.py's `tiny`, built in "
-                                     "code: its weights are in `base/`)" if a.model == "tiny" else ""))
+                                     "code: its weights are in `base/`; load its tokenizer with transformers."
+                                     "PreTrainedTokenizerFast.from_pretrained(\"base\"), as AutoTokenizer would "
+                                     "re-cut its words)" if a.model == "tiny" else ""))
     print(f"exported {K} expert(s) of {a.resume} (iteration {it}) to {folder}")
 
 

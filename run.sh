@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # PA-MoE in one command.
 #   bash run.sh            train. CUDA: ALFWorld + Qwen2.5-1.5B-Instruct (needs the official games: ALFWORLD_DATA);
-#                          CPU: toy env + tiny model (4-6 min on 2 cores)
+#                          CPU: toy env + tiny model (2.5-4 min on 2 cores)
 #   bash run.sh preflight  the same preset: one rollout step and one PPO micro-batch at the largest sizes, peak
 #                          memory and time per token, then exit (a GPU user's first command, README)
 #   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
 #   bash run.sh test       the test suite
 #   bash run.sh bench      cost of routed experts vs one LoRA -> bench.json (python bench.py --help)
-#   bash run.sh ablation   routing ablation, 4 routings x 3 seeds on the toy env (~48-51 min on 2 cores)
+#   bash run.sh ablation   routing ablation, 5 arms x 8 seeds on the toy env with intervals (~ABLMIN min on 2 cores)
 #   bash run.sh --flag v   train with extra pamoe.py flags (they override the preset)
 set -euo pipefail
 cd "$(dirname "$0")"

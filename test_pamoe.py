@@ -516,6 +516,9 @@ def load_exported(folder, k):
                     for p in paths}
 
 
+TEXT = "Task: put some apple in shelf 1. Answer with a number."
+
+
 @pytest.mark.parametrize("routing", ["phase", "dense"])
 def test_exported_experts_are_peft_lora_adapters_that_rebuild_each_experts_logits(tmp_path, routing):
     """--export: each expert, merged into the exported base as W + lora_alpha / r * lora_B lora_A by a few lines
@@ -531,8 +534,9 @@ def test_exported_experts_are_peft_lora_adapters_that_rebuild_each_experts_logit
     K = 1 if routing == "dense" else 4
     assert sorted(os.listdir(folder)) == sorted(["README.md", "base", *[f"expert_{c}" for c in "ABCD"[:K]],
                                                  *(["router.pt"] if routing == "phase" else [])])
-    ids = torch.tensor([agent.tok("Task: put some apple in shelf 1. Answer with a number.").input_ids])
+    ids = torch.tensor([agent.tok(TEXT).input_ids])
     base = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base")).eval()
+    assert pamoe.envs.saved_tiny_tokenizer(os.path.join(folder, "base"))(TEXT).input_ids == agent.tok(TEXT).input_ids
     with torch.no_grad():
         plain = base(ids).logits
         for k in range(K):
@@ -848,7 +852,7 @@ def test_bootstrap_interval_iqm_difference_and_probability_of_improvement():
 
 def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_intervals(tmp_path, capsys):
     """bench.py ablation in miniature (2 arms x 2 seeds, 1 iteration): each seed's `tiny` base is built once and
-    loaded by every arm, giving the agent `--model tiny` gives; the report has intervals, the comparison with phase
+    loaded by every arm, giving the agent (weights and tokenizer) `--model tiny` gives; the report has intervals, the comparison with phase
     routing and the diagnostics; a second call finds every run done."""
     import bench
     out = str(tmp_path / "ablation")
@@ -868,6 +872,8 @@ def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_interv
     loaded = make_agent("--tiny_steps", "3", "--model", os.path.join(out, "base-seed1"), seed=1)
     for (n, a), (m, b) in zip(built.state_dict().items(), loaded.state_dict().items()):
         assert n == m and torch.equal(a, b), n
+    prompt = "Task: put some apple in shelf 1. You arrive at shelf 1. Answer with a number."
+    assert loaded.tok(prompt).input_ids == built.tok(prompt).input_ids  # AutoTokenizer alone re-cuts tiny's words
 
 
 def test_probe_reads_the_task_only_through_the_goal_and_the_phase_from_the_step():
