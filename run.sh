@@ -7,7 +7,7 @@
 #   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
 #   bash run.sh test       the test suite
 #   bash run.sh bench      cost of routed experts vs one LoRA -> bench.json (python bench.py --help)
-#   bash run.sh ablation   routing ablation, 5 arms x 8 seeds on the toy env with intervals (~ABLMIN min on 2 cores)
+#   bash run.sh ablation   routing ablation, 5 arms x 8 seeds on the toy env with intervals (~56 min on 2 cores)
 #   bash run.sh --flag v   train with extra pamoe.py flags (they override the preset)
 set -euo pipefail
 cd "$(dirname "$0")"
