@@ -852,8 +852,8 @@ def test_bootstrap_interval_iqm_difference_and_probability_of_improvement():
 
 def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_intervals(tmp_path, capsys):
     """bench.py ablation in miniature (2 arms x 2 seeds, 1 iteration): each seed's `tiny` base is built once and
-    loaded by every arm, giving the agent (weights and tokenizer) `--model tiny` gives; the report has intervals, the comparison with phase
-    routing and the diagnostics; a second call finds every run done."""
+    loaded by every arm, giving the agent (weights and tokenizer) `--model tiny` gives; the report has intervals, the
+    comparison with phase routing and the diagnostics; a second call finds every run done."""
     import bench
     out = str(tmp_path / "ablation")
     flags = SMALL + ["--eval_every", "1", "--eval_episodes", "4", "--tiny_steps", "3"]
