@@ -153,15 +153,11 @@ class Args:
              f"--targets {self.targets!r}: give module names separated by commas only, e.g. q_proj,v_proj")
         need(not (self.model.startswith(("/", ".")) or os.path.exists(self.model)) or os.path.isdir(self.model),
              f"--model {self.model}: no such folder; give a model folder, a Hugging Face name or tiny")
-        for flag in ("out_dir", "export") if self.export else ("out_dir",):
-            folder = getattr(self, flag)
-            try:  # created now: a folder that cannot be made (read-only, under /proc, a file) stops the run here
+        for flag, folder in [("out_dir", self.out_dir)] + ([("export", self.export)] if self.export else []):
+            with contextlib.suppress(OSError):  # created now: one that cannot be (read-only, under /proc) stops here
                 os.makedirs(folder, exist_ok=True)
-                writable = os.access(folder, os.W_OK)
-            except OSError:
-                writable = False
-            need(folder and writable, f"--{flag} {folder!r}: not a folder that can be created and written; choose "
-                 f"another one")
+            need(os.path.isdir(folder) and os.access(folder, os.W_OK), f"--{flag} {folder!r}: not a folder that can be "
+                 f"created and written; choose another one")
         need(not self.show or self.eval_only, f"--show {self.show} prints episodes of an evaluation: add --eval_only "
              f"--resume <checkpoint>")
         need(not (self.eval_only and self.eval_episodes == 0), "--eval_only with --eval_episodes 0 evaluates nothing; "
@@ -829,10 +825,6 @@ def prepare_batch(agent, R):
     return B
 
 
-def grad_norm(grads):
-    return float(sum((g.float() ** 2).sum() for g in grads if g is not None) ** 0.5)
-
-
 class NonFiniteError(RuntimeError):
     """A loss term, gradient norm or parameter became nan or inf: the run must stop before it trains on it."""
 
@@ -928,28 +920,28 @@ def policy_backward(agent, R, B, mb, gates):
 
 
 def optimizer_step(agent, opt):
-    """Clip each parameter group's gradient norm, stop on a nan or inf before it trains on, step."""
+    """Sum every rank's share of the gradients (the whole minibatch's gradient on every rank), clip each parameter
+    group's norm, stop on a nan or inf before it trains on, step."""
+    for q in agent.parameters():
+        q.grad = None if q.grad is None else all_sum(q.grad)
     check_finite({f"gradient norm of {g['name']}": nn.utils.clip_grad_norm_(g["params"], agent.args.max_grad_norm)
                   for g in opt.param_groups})
     opt.step()
 
 
 def ppo_update(agent, opt, R, B, tau_state):
-    """--epochs of minibatch PPO over one rollout; experts, router and critic step together. On the first minibatch,
-    the norm of the router gradient that each term contributes. Data parallel: each rank cuts its share R into the
-    minibatches the whole needs; means, statistics and gradients are over all ranks."""
-    a, stats = agent.args, defaultdict(list)
-    router_params = list(agent.router.parameters()) if agent.router is not None else []
-    sizes = all_gather(len(R["seq"]))
+    """--epochs of minibatch PPO over one rollout; experts, router and critic step together. Data parallel: each rank
+    cuts its share R into the minibatches the whole needs; means, statistics and gradients are over all ranks."""
+    a, stats, sizes = agent.args, defaultdict(list), all_gather(len(R["seq"]))
     for epoch in range(a.epochs):
-        for step, mb in enumerate(torch.randperm(len(R["seq"])).tensor_split(
-                min(math.ceil(sum(sizes) / a.minibatch), *sizes))):
-            mb, n, lanes = mb.to(agent.device), all_sum(len(mb)), B["lanes"][mb.to(agent.device)]
+        for mb in torch.randperm(len(R["seq"])).tensor_split(min(math.ceil(sum(sizes) / a.minibatch), *sizes)):
+            mb, n = mb.to(agent.device), all_sum(len(mb))
             opt.zero_grad(set_to_none=True)
             gates, aux, out = step_gates_for(agent, mb, B["k"]), {}, {}
             if agent.router is not None:
-                gates, aux, out = router_losses(agent, R, B, mb, tau_at(tau_state["updates"], a.tau_start, a.tau_end,
-                                                                         a.tau_steps))
+                tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
+                gates, aux, out = router_losses(agent, R, B, mb, tau)
+            lanes = B["lanes"][mb]
             v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
             v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
             # the LM's micro-batches see the gates as a leaf cut from the router's graph; their summed gradient goes
@@ -957,20 +949,9 @@ def ppo_update(agent, opt, R, B, tau_state):
             cut = None if gates is None else gates.detach().requires_grad_(gates.requires_grad)
             mean, checked = policy_backward(agent, R, B, mb, cut)
             check_finite({**checked, "value_loss": v_loss, **aux})
-            diagnose = router_params and epoch == step == 0
-            aux_grads = {name: [g if g is None else all_sum(g) for g in torch.autograd.grad(
-                term, router_params, retain_graph=True, allow_unused=True)]
-                for name, term in aux.items() if diagnose and term.requires_grad}
             outs = [(a.vf_coef * v_loss + sum(aux.values()), None)]
             outs += [(gates, cut.grad)] if cut is not None and cut.grad is not None else []
             torch.autograd.backward(*zip(*outs))
-            for q in agent.parameters():  # every rank's share summed: the whole minibatch's gradient on every rank
-                q.grad = None if q.grad is None else all_sum(q.grad)
-            if diagnose:  # the task's router gradient is the rest of the total
-                task = [q.grad - sum(g[i] for g in aux_grads.values() if g[i] is not None)
-                        for i, q in enumerate(router_params) if q.grad is not None]
-                out.update({f"router_grad/{name}": grad_norm(aux_grads.get(name, []))
-                            for name in ("switch", "balance", "info")}, **{"router_grad/task": grad_norm(task)})
             optimizer_step(agent, opt)
             tau_state["updates"] += 1
             for key, val in {**out, **mean, "value_loss": float(v_loss.detach())}.items():
@@ -1084,27 +1065,28 @@ def show_episodes(S, n, routing):
     return "\n".join(lines)
 
 
-# --- Using a trained agent: evaluate a checkpoint, export its experts as PEFT LoRA adapters ---------------------------
-def evaluate_checkpoint(agent, it, tau):
-    """--eval_only: the usual tables (after --show's episodes) printed and written to <out_dir>/eval.json; the run's
-    metrics.jsonl, eval.log and checkpoint stay as they are. The evaluation is the one training made at that
-    iteration (same episodes, same sampling stream) unless its flags are changed."""
-    a = agent.args
+def report_evaluation(agent, it, tau):
+    """Evaluate; rank 0 prints the tables. Training appends them to eval.log; --eval_only prints --show's episodes
+    first and writes the tables to <out_dir>/eval.json, leaving the run's files as they are. Returns eval/* metrics."""
+    a, t = agent.args, time.time()
     em, tables, mine = evaluate(agent, tau)
-    if rank_world()[0] == 0:
-        print((show_episodes(mine, a.show, a.routing) + "\n" if a.show else "") + eval_report(it, em, tables))
-        result = {"checkpoint": a.resume, "iteration": it, "eval_split": a.eval_split, "eval_episodes": a.eval_episodes,
-                  "eval_temperature": a.eval_temperature, "metrics": em, "tables": tables}
+    columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items() if k.startswith("eval/success/"))
+    report = f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
+    if rank_world()[0] == 0 and a.eval_only:
+        print((show_episodes(mine, a.show, a.routing) + "\n" if a.show else "") + report)
         path = os.path.join(a.out_dir, "eval.json")
         with open(f"{path}.tmp", "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump({"checkpoint": a.resume, "iteration": it, **{k: getattr(a, k) for k in (
+                "eval_split", "eval_episodes", "eval_temperature")}, "metrics": em, "tables": tables}, f, indent=1)
         os.replace(f"{path}.tmp", path)
-    return em
+    elif rank_world()[0] == 0:
+        tqdm.write(report)
+        with open(os.path.join(a.out_dir, "eval.log"), "a") as f:
+            f.write(report + "\n")
+    return {**em, "eval_s": time.time() - t}
 
 
-VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank must be one of these
-
-
+# --- Using a trained agent: evaluate a checkpoint, export its experts as PEFT LoRA adapters ---------------------------
 def export_experts(agent, folder, it, tau):
     """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (adapter_config.json and
     adapter_model.safetensors: lora_A (r, in) = A_cat[:, k r:(k+1) r].T, lora_B (out, r) = B_cat[k r:(k+1) r].T, scaled
@@ -1114,67 +1096,60 @@ def export_experts(agent, folder, it, tau):
     a, (K, r) = agent.args, agent.args.experts
     paths = {id(m): name for name, m in agent.lm.named_modules()}
     for k in range(K):
-        tensors = {}
-        for e in agent.experts:  # PEFT's keys: the wrapped linear's path in the causal LM
-            key = f"base_model.model.{paths[id(e)]}"
-            tensors[f"{key}.lora_A.weight"] = e.A[:, k * r:(k + 1) * r].T.contiguous()  # (r, in)
-            tensors[f"{key}.lora_B.weight"] = e.B[k * r:(k + 1) * r].T.contiguous()  # (out, r)
         out = os.path.join(folder, f"expert_{LETTERS[k]}")
         os.makedirs(out, exist_ok=True)
-        save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": a.alpha,
-                  "target_modules": sorted(set(a.targets.split(","))), "lora_dropout": 0.0, "bias": "none",
-                  "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-                  "base_model_name_or_path": a.model}
+        save_file({f"base_model.model.{paths[id(e)]}.lora_{x}.weight": w.contiguous() for e in agent.experts  # PEFT
+                   for x, w in (("A", e.A[:, k * r:(k + 1) * r].T), ("B", e.B[k * r:(k + 1) * r].T))},  # (r,in) (out,r)
+                  os.path.join(out, "adapter_model.safetensors"))
         with open(os.path.join(out, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+            json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": a.alpha, "target_modules":
+                       sorted(set(a.targets.split(","))), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+                       "use_rslora": False, "use_dora": False, "inference_mode": True,
+                       "base_model_name_or_path": a.model}, f, indent=1)
     if agent.router is not None:
         flags = {k: getattr(a, k) for k in ("model", "env", "routing", "num_experts", "router_window", "router_hidden",
                                             "router_layers", "max_steps", "history", "action_format")}
         torch.save({"state": agent.router.state_dict(), "flags": flags, "tau": tau, "hidden_size":
                     agent.lm.config.hidden_size}, os.path.join(folder, "router.pt"))
     if a.model == "tiny":  # built in code: its weights go with the adapters, without the experts' wrappers
-        wrapped = [(m, n, c) for m in agent.lm.modules() for n, c in m.named_children() if isinstance(c, LoRAExperts)]
-        for m, n, c in wrapped:
-            setattr(m, n, c.base)
-        try:
-            agent.lm.save_pretrained(os.path.join(folder, "base"))
-            agent.tok.save_pretrained(os.path.join(folder, "base"))
-        finally:
-            for m, n, c in wrapped:
-                setattr(m, n, c)
+        base = {key.replace(".base.", "."): w for key, w in agent.lm.state_dict().items()
+                if not key.endswith((".A", ".B", ".router.weight"))}
+        agent.lm.save_pretrained(os.path.join(folder, "base"), state_dict=base)
+        agent.tok.save_pretrained(os.path.join(folder, "base"))
+    base = "base" if a.model == "tiny" else a.model
+    vllm_rank = min(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)  # the values vLLM's max_lora_rank takes
     with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(EXPORT_README.format(ckpt=a.resume, it=it, model=a.model, routing=a.routing, K=K, r=r, alpha=a.alpha,
-                                     targets=a.targets, letters=LETTERS[:K], tau=tau, window=a.router_window,
-                                     vllm_rank=min(x for x in VLLM_RANKS if x >= r), base="base" if a.model == "tiny"
-                                     else a.model, last=LETTERS[K - 1], tiny_note=" (pamoe.py's `tiny`, built in "
-                                     "code: its weights are in `base/`; load its tokenizer with transformers."
-                                     "PreTrainedTokenizerFast.from_pretrained(\"base\"), as AutoTokenizer would "
-                                     "re-cut its words)" if a.model == "tiny" else ""))
+        f.write(f"""# PA-MoE experts of {a.resume} (iteration {it})
+
+Base: `{a.model}`{" (pamoe.py's `tiny`, built in code: its weights are in `base/`; load its tokenizer with "
+"`transformers.PreTrainedTokenizerFast.from_pretrained('base')`, as AutoTokenizer would re-cut its words)"
+if a.model == "tiny" else ""}. {a.routing} routing; {K} PEFT LoRA adapter(s) `expert_A`..`expert_{LETTERS[K - 1]}`,
+rank {r}, alpha {a.alpha}, on {a.targets}. One expert with PEFT:
+
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("{base}"), "expert_A")
+
+All experts with vLLM multi-LoRA, one adapter per request (the router's choice for that environment step):
+
+    llm = vllm.LLM("{base}", enable_lora=True, max_loras={K}, max_lora_rank={vllm_rank})
+    experts = [LoRARequest(f"expert_{{c}}", i + 1, f"/abs/path/expert_{{c}}") for i, c in enumerate("{LETTERS[:K]}")]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.4), lora_request=[experts[k] for k in ks])
+
+`router.pt` (phase, trajectory): `state` of `pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, sizes
+and prompt flags in `flags`. It reads frozen-base features (adapters off: `pamoe.StepFeatures`): [observation ;
+previous action] of the last {a.router_window} steps and the goal's token states; the step's expert is argmax
+softmax(logits / {tau:.3f}) (trajectory routing: at the episode's first step only).
+""")
     print(f"exported {K} expert(s) of {a.resume} (iteration {it}) to {folder}")
 
 
-EXPORT_README = """# PA-MoE experts of {ckpt} (iteration {it})
-
-Base: `{model}`{tiny_note}. {routing} routing; {K} LoRA expert(s) `expert_A`..`expert_{last}`, rank {r}, alpha {alpha},
-on {targets}: PEFT LoRA adapters (`adapter_config.json`, `adapter_model.safetensors`).
-
-One expert with PEFT:
-
-    base = transformers.AutoModelForCausalLM.from_pretrained("{base}")
-    model = peft.PeftModel.from_pretrained(base, "expert_A")   # more: model.load_adapter("expert_B", "expert_B")
-
-All experts with vLLM multi-LoRA, one adapter per request: the router's choice for that environment step
-
-    llm = vllm.LLM("{base}", enable_lora=True, max_loras={K}, max_lora_rank={vllm_rank})
-    experts = [LoRARequest(f"expert_{{c}}", i + 1, f"/abs/path/expert_{{c}}") for i, c in enumerate("{letters}")]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.4), lora_request=[experts[k] for k in ks])
-
-`router.pt` (phase, trajectory): `state` of `pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, with
-the sizes and prompt flags in `flags`. It reads frozen-base features (adapters off: `pamoe.StepFeatures`,
-`pamoe.encode_texts`): [observation ; previous action] of the last {window} steps and the goal's token states; the
-step's expert k is argmax softmax(logits / {tau:.3f}) (trajectory routing: at the episode's first step only).
-"""
+def use_checkpoint(agent):
+    """--eval_only and --export: the checkpoint's trained agent, used as it is."""
+    a, tau_state = agent.args, {"updates": 0}
+    it = load_checkpoint(a.resume, agent, None, tau_state)
+    tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
+    if a.export and rank_world()[0] == 0:
+        export_experts(agent, a.export, it, tau)
+    return report_evaluation(agent, it, tau) if a.eval_only else {}
 
 
 # --- Checkpoints (atomic) and the training loop -----------------------------------------------------------------------
@@ -1248,23 +1223,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def eval_report(it, em, tables):
-    columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items() if k.startswith("eval/success/"))
-    return f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
-
-
-def report_evaluation(agent, it, tau):
-    """Evaluate; rank 0 prints the tables and appends them to eval.log. Returns the eval/* metrics."""
-    t = time.time()
-    em, tables, _ = evaluate(agent, tau)
-    report = eval_report(it, em, tables)
-    if rank_world()[0] == 0:
-        tqdm.write(report)
-        with open(os.path.join(agent.args.out_dir, "eval.log"), "a") as f:
-            f.write(report + "\n")
-    return {**em, "eval_s": time.time() - t}
-
-
 def iteration_metrics(G, eps, stats, K):
     """The metrics line of one training iteration, from every rank's steps G and episodes eps."""
     return {"success": np.mean([e["won"] for e in eps]), "return": np.mean([e["return"] for e in eps]),
@@ -1292,16 +1250,6 @@ def start_run(args, agent, opt, tau_state):
         with open(files["metrics.jsonl"], "w") as f:
             f.writelines(kept)
     return start
-
-
-def use_checkpoint(agent):
-    """--eval_only and --export: the checkpoint's trained agent, used as it is."""
-    a, tau_state = agent.args, {"updates": 0}
-    it = load_checkpoint(a.resume, agent, None, tau_state)
-    tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
-    if a.export and rank_world()[0] == 0:
-        export_experts(agent, a.export, it, tau)
-    return evaluate_checkpoint(agent, it, tau) if a.eval_only else {}
 
 
 def log_metrics(out_dir, m):
