@@ -1,6 +1,7 @@
 """Text environments for PA-MoE: one small interface, a toy ALFWorld in miniature, real ALFWorld (the `alfworld`
-package's text engine) with an offline mini game set, the prompt and the projection from model text to a command,
-and `tiny`, the toy's stand-in for a pretrained LLM (built and warmed up here, frozen in pamoe.py).
+package's text engine) with an offline mini game set, the prompt, where a generated answer ends and the projection
+from model text to a command, and `tiny`, the toy's stand-in for a pretrained LLM (built and warmed up here, frozen
+in pamoe.py).
 
 Interface (every env, batched over N lanes stepped in lockstep):
     batch.reset(seeds)  -> list of (observation, info)
@@ -14,7 +15,9 @@ Interface (every env, batched over N lanes stepped in lockstep):
 Command line:
     python envs.py make-alfworld-mini DIR    the offline mini ALFWorld game set (then --alfworld_data DIR)
 """
+import bisect
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -580,6 +583,40 @@ def parse_action(text, admissible):
         return listed[int(text) - 1], True
     cmd = " ".join(text.lower().split())
     return (cmd, True) if cmd in listed else (None, False)
+
+
+def fit_prompt(tok, args, info, obs, history, t):
+    """The model's prompt of step t (in the tokenizer's chat template, if it has one) within --max_prompt_tokens: the
+    oldest history goes first; if even the prompt without history is too long, the tokenizer cuts its left end."""
+    for keep in range(min(args.history, len(history)), -1, -1):
+        text = build_prompt(info["goal"], obs, history[-keep:] if keep else [], info["admissible"], t, args.max_steps,
+                            args.action_format)
+        if tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        if keep == 0 or len(tok(text, add_special_tokens=False).input_ids) <= args.max_prompt_tokens:
+            return text
+
+
+def stop_at(tok, stop, start):
+    """generate's stopping criterion for tagged answers: per sequence, whether the text generated after position
+    `start` holds `stop` (in its last len(stop) tokens: a token is at least one character)."""
+    import torch
+
+    def done(input_ids, scores, **kwargs):
+        tails = input_ids[:, max(start, input_ids.shape[1] - len(stop)):]
+        return torch.tensor([stop in "".join(tok.batch_decode(t[:, None].tolist())) for t in tails],
+                            device=input_ids.device)
+    return done
+
+
+def response_length(ids, tok, stop):
+    """How many of a sequence's generated token ids (a list) were sampled: up to and including the first EOS, or the
+    token that completes the text `stop` if that comes first (generate stops the sequence there; padding follows)."""
+    n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+    pieces = tok.batch_decode([[i] for i in ids[:n]]) if stop else []  # the text of each token
+    at = "".join(pieces).find(stop) if stop else -1
+    return n if at < 0 else bisect.bisect_left(list(itertools.accumulate(map(len, pieces))), at + len(stop)) + 1
 
 
 # ---------------------------------------------------------------------------------------------------------

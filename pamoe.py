@@ -185,19 +185,16 @@ RANGES = {
     "history": "[0, 1000]", "max_prompt_tokens": "[64, 131072]", "max_new_tokens": "[1, 8192]",
     "tiny_steps": "[0, 100000]", "tiny_prior": "[0, 1]", "temperature": "(0, inf)", "eval_temperature": "(0, inf)",
     "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "show": "[0, 4096]", "ckpt_every": "[1, inf)",
-    "num_experts": "[1, 16]",
-    "rank": "[1, 1024]", "alpha": "(0, inf)", "dense_rank": "[0, 16384]", "router_window": "[1, 1000]",
-    "router_hidden": "[1, 4096]", "router_layers": "[1, 16]", "tau_start": "(0, inf)", "tau_end": "(0, inf)",
-    "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)", "info_coef": "[0, inf)",
-    "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "clip": "(0, 1)",
-    "kl_coef": "[0, inf)", "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "epochs": "[1, 100]",
-    "minibatch": "[1, 4096]", "max_grad_norm": "(0, inf)", "lr_experts": "[0, 1]", "lr_router": "[0, 1]",
-    "lr_critic": "[0, 1]", "weight_decay": "[0, 1]", "micro_batch": "[0, 4096]"}
+    "num_experts": "[1, 16]", "rank": "[1, 1024]", "alpha": "(0, inf)", "dense_rank": "[0, 16384]",
+    "router_window": "[1, 1000]", "router_hidden": "[1, 4096]", "router_layers": "[1, 16]", "tau_start": "(0, inf)",
+    "tau_end": "(0, inf)", "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)",
+    "info_coef": "[0, inf)", "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "clip": "(0, 1)", "kl_coef": "[0, inf)",
+    "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "epochs": "[1, 100]", "minibatch": "[1, 4096]",
+    "max_grad_norm": "(0, inf)", "lr_experts": "[0, 1]", "lr_router": "[0, 1]", "lr_critic": "[0, 1]",
+    "weight_decay": "[0, 1]", "micro_batch": "[0, 4096]"}
 CHOICES = {"env": envs.ENVS, "eval_split": ("eval_in_distribution", "eval_out_of_distribution"),
-           "device": ("auto", "cpu", "cuda"), "action_format": tuple(envs.ANSWER),
-           "routing": ("phase", "token", "trajectory", "dense"),
-           "balance": ("switch", "sq"),
-           "dtype": ("auto", "float32", "bfloat16")}
+           "device": ("auto", "cpu", "cuda"), "action_format": tuple(envs.ANSWER), "routing": ("phase", "token",
+           "trajectory", "dense"), "balance": ("switch", "sq"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 LETTERS = "ABCDEFGHIJKLMNOP"  # expert names in tables, metrics and exports
@@ -577,22 +574,6 @@ class Agent(nn.Module):
     def trainable_state(self):
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
-    def format_prompt(self, text):
-        if self.tok.chat_template:
-            return self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
-        return text
-
-    def fit_prompt(self, info, obs, history, t):
-        """The model's prompt of one step within --max_prompt_tokens: the oldest history goes first; if even the
-        prompt without history is too long, the tokenizer cuts its left end (truncation_side left)."""
-        for keep in range(min(self.args.history, len(history)), -1, -1):
-            text = self.format_prompt(envs.build_prompt(info["goal"], obs, history[-keep:] if keep else [],
-                                                        info["admissible"], t, self.args.max_steps,
-                                                        self.args.action_format))
-            if keep == 0 or len(self.tok(text, add_special_tokens=False).input_ids) <= self.args.max_prompt_tokens:
-                return text  # keep 0: nothing left to drop; the tokenizer cuts the left end if it must
-
     def response_logprobs(self, seqs, prompt_lens, resp_lens, temperature, gates, experts_on=True):
         """Log-probs (B, R) and entropies (B, R) of each response token at the sampling temperature, from one
         plain forward over prompt + response (right-padded), and the mask (B, R) of real response tokens.
@@ -613,25 +594,6 @@ class Agent(nn.Module):
 
 
 # --- Rollout: N envs in lockstep, one routing decision and one generated response per env step ------------------------
-def stop_at(tok, stop, start):
-    """generate's stopping criterion for tagged answers: per sequence, whether the text generated after position
-    `start` holds `stop` (in its last len(stop) tokens: a token is at least one character)."""
-    def done(input_ids, scores, **kwargs):
-        tails = input_ids[:, max(start, input_ids.shape[1] - len(stop)):]
-        return torch.tensor([stop in "".join(tok.batch_decode(t[:, None].tolist())) for t in tails],
-                            device=input_ids.device)
-    return done
-
-
-def response_length(ids, tok, stop):
-    """How many of a sequence's generated token ids (a list) were sampled: up to and including the first EOS, or the
-    token that completes the text `stop` if that comes first (generate stops the sequence there; padding follows)."""
-    n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
-    pieces = tok.batch_decode([[i] for i in ids[:n]]) if stop else []  # the text of each token
-    at = "".join(pieces).find(stop) if stop else -1
-    return n if at < 0 else int(np.searchsorted(np.cumsum([len(p) for p in pieces]), at + len(stop))) + 1
-
-
 class StepFeatures:
     """A rollout's frozen step features: a table whose row 0 is zeros (before an episode's start), then one row
     [observation ; previous action] (2d,) per lane and step; window(n, t) indexes lane n's rows of steps t-L+1..t."""
@@ -669,13 +631,13 @@ def generate(agent, prompts, gates, temperature):
         out = agent.lm.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                 max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
                                 eos_token_id=tok.eos_token_id,
-                                stopping_criteria=[stop_at(tok, stop, P)] if stop else None)
+                                stopping_criteria=[envs.stop_at(tok, stop, P)] if stop else None)
     voted = None if gates is not None else torch.cat([F.one_hot(c, K).reshape(len(prompts), -1, K)
                                                       for c in agent.routing.token_choices], 1).sum(1).argmax(-1)
     samples = []
     for i in range(len(prompts)):
         resp = out[i, P:].cpu()
-        resp = resp[:response_length(resp.tolist(), tok, stop)]  # keep the sampled EOS or stop, drop the padding
+        resp = resp[:envs.response_length(resp.tolist(), tok, stop)]  # the sampled EOS or stop kept, padding dropped
         samples.append((enc.input_ids[i][enc.attention_mask[i].bool()].cpu(), resp,
                         tok.decode(resp, skip_special_tokens=True)))
     return samples, voted
@@ -710,8 +672,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             episode_k[lane_idx], episode_p[lane_idx] = k, p
         k = episode_k[lane_idx]  # dense: expert 0
         gates = None if a.routing == "token" else F.one_hot(k, K).float()[:, None]  # (A, 1, K)
-        samples, voted = generate(agent, [agent.fit_prompt(infos[n], obs[n], history[n], t) for n in lanes], gates,
-                                  temperature)
+        prompts = [envs.fit_prompt(tok, a, infos[n], obs[n], history[n], t) for n in lanes]
+        samples, voted = generate(agent, prompts, gates, temperature)
         k = k if voted is None else voted
         actions, invalid = [None] * N, {}
         for i, (n, (prompt_ids, resp, text)) in enumerate(zip(lanes, samples)):
@@ -754,6 +716,16 @@ def rollout_stats(S, N):
     for e in eps:
         e["steps"], e["switches"] = len(e["experts"]), sum(x != y for x, y in zip(e["experts"], e["experts"][1:]))
     return eps
+
+
+def episode_metrics(S, eps, K, task_types, prefix=""):
+    """Success (in all and per task type), return, length and expert switches of episodes eps, the share of invalid
+    answers among steps S and of steps routed to each expert."""
+    m = {"success": [e["won"] for e in eps], "return": [e["return"] for e in eps], "steps": [e["steps"] for e in eps],
+         "switches": [e["switches"] for e in eps], "invalid": S["invalid"],
+         **{f"success/{tt}": [e["won"] for e in eps if e["task_type"] == tt] for tt in task_types},
+         **{f"expert_share/{LETTERS[k]}": np.equal(S["k"], k) for k in range(K)}}
+    return {prefix + key: float(np.mean(v)) for key, v in m.items() if len(v)}  # a task type no episode drew: none
 
 
 def gather_steps(S, lanes):
@@ -1012,18 +984,15 @@ def evaluate(agent, tau):
     with contextlib.closing(env_batch), torch.random.fork_rng([agent.device] if agent.device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED + rank_world()[0])
         mine = rollout(agent, env_batch, [EVAL_SEED + i for i in lanes], tau, a.eval_temperature, greedy_router=True)
-    S = gather_steps(mine, lanes)
-    eps, K = rollout_stats(S, a.eval_episodes), a.experts[0]
+    S, K = gather_steps(mine, lanes), a.experts[0]
+    eps = rollout_stats(S, a.eval_episodes)
     by_task = {tt: [e for e in eps if e["task_type"] == tt] for tt in envs.TASK_COLUMNS[a.env]}  # paper's order
-    share = np.bincount(S["k"], minlength=K) / len(S["k"])
-    m = {"eval/success": np.mean([e["won"] for e in eps]), "eval/steps": np.mean([e["steps"] for e in eps]),
-         "eval/switches": np.mean([e["switches"] for e in eps]), "eval/invalid": np.mean(S["invalid"]),
-         **{f"eval/success/{tt}": np.mean([e["won"] for e in es]) for tt, es in by_task.items() if es},
-         "eval/phase_nmi": nmi(S["k"], S["phase"]), "eval/task_nmi": nmi(S["k"], S["task_type"]),
-         "eval/share_entropy": -sum(x * math.log(x) for x in share if x > 0),
-         **{f"eval/expert_share/{LETTERS[k]}": share[k] for k in range(K)}}
+    m = episode_metrics(S, eps, K, by_task, "eval/")
+    share = [m[f"eval/expert_share/{LETTERS[k]}"] for k in range(K)]
+    m.update({"eval/phase_nmi": nmi(S["k"], S["phase"]), "eval/task_nmi": nmi(S["k"], S["task_type"]),
+              "eval/share_entropy": -sum(x * math.log(x) for x in share if x > 0)})
     usage, tables = usage_tables(S, by_task, K)
-    return {k: float(v) for k, v in {**m, **usage}.items()}, tables, mine
+    return {**m, **usage}, tables, mine
 
 
 def usage_tables(S, by_task, K):
@@ -1088,10 +1057,9 @@ def report_evaluation(agent, it, tau):
 
 # --- Using a trained agent: evaluate a checkpoint, export its experts as PEFT LoRA adapters ---------------------------
 def export_experts(agent, folder, it, tau):
-    """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (adapter_config.json and
-    adapter_model.safetensors: lora_A (r, in) = A_cat[:, k r:(k+1) r].T, lora_B (out, r) = B_cat[k r:(k+1) r].T, scaled
-    by lora_alpha / r as here), the router's state and the flags that rebuild it (router.pt), how to use them
-    (README.md), and for `tiny` the frozen base itself (base/)."""
+    """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (lora_A (r, in) = A_cat[:, k r:(k+1) r].T,
+    lora_B (out, r) = B_cat[k r:(k+1) r].T, scaled by lora_alpha / r as here), the router with the flags that rebuild
+    it (router.pt), how to use them (README.md), and for `tiny` the frozen base itself (base/)."""
     from safetensors.torch import save_file
     a, (K, r) = agent.args, agent.args.experts
     paths = {id(m): name for name, m in agent.lm.named_modules()}
@@ -1116,28 +1084,22 @@ def export_experts(agent, folder, it, tau):
                 if not key.endswith((".A", ".B", ".router.weight"))}
         agent.lm.save_pretrained(os.path.join(folder, "base"), state_dict=base)
         agent.tok.save_pretrained(os.path.join(folder, "base"))
-    base = "base" if a.model == "tiny" else a.model
+    base, tiny = ("base", " (pamoe.py's `tiny`: weights in `base/`, tokenizer via PreTrainedTokenizerFast, not "
+                  "AutoTokenizer)") if a.model == "tiny" else (a.model, "")
     vllm_rank = min(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)  # the values vLLM's max_lora_rank takes
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(f"""# PA-MoE experts of {a.resume} (iteration {it})
 
-Base: `{a.model}`{" (pamoe.py's `tiny`, built in code: its weights are in `base/`; load its tokenizer with "
-"`transformers.PreTrainedTokenizerFast.from_pretrained('base')`, as AutoTokenizer would re-cut its words)"
-if a.model == "tiny" else ""}. {a.routing} routing; {K} PEFT LoRA adapter(s) `expert_A`..`expert_{LETTERS[K - 1]}`,
-rank {r}, alpha {a.alpha}, on {a.targets}. One expert with PEFT:
+Base `{a.model}`{tiny}; {a.routing} routing; {K} PEFT LoRA adapter(s) `expert_A`..`expert_{LETTERS[K - 1]}`, rank {r},
+alpha {a.alpha}, on {a.targets}. One expert with PEFT:
 
-    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("{base}"), "expert_A")
+    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("{base}"), "expert_A")
 
-All experts with vLLM multi-LoRA, one adapter per request (the router's choice for that environment step):
-
-    llm = vllm.LLM("{base}", enable_lora=True, max_loras={K}, max_lora_rank={vllm_rank})
-    experts = [LoRARequest(f"expert_{{c}}", i + 1, f"/abs/path/expert_{{c}}") for i, c in enumerate("{LETTERS[:K]}")]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.4), lora_request=[experts[k] for k in ks])
-
-`router.pt` (phase, trajectory): `state` of `pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, sizes
-and prompt flags in `flags`. It reads frozen-base features (adapters off: `pamoe.StepFeatures`): [observation ;
-previous action] of the last {a.router_window} steps and the goal's token states; the step's expert is argmax
-softmax(logits / {tau:.3f}) (trajectory routing: at the episode's first step only).
+All experts with vLLM multi-LoRA (`enable_lora=True, max_loras={K}, max_lora_rank={vllm_rank}`): one `LoRARequest` per
+request, the router's choice for that environment step. `router.pt` (phase, trajectory): `state` of
+`pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, sizes and prompt flags in `flags`. It reads
+frozen-base features (adapters off: `pamoe.StepFeatures`) of the last {a.router_window} steps and the goal's token
+states; the step's expert is argmax softmax(logits / {tau:.3f}) (trajectory routing: at the episode's first step only).
 """)
     print(f"exported {K} expert(s) of {a.resume} (iteration {it}) to {folder}")
 
@@ -1223,18 +1185,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def iteration_metrics(G, eps, stats, K):
-    """The metrics line of one training iteration, from every rank's steps G and episodes eps."""
-    return {"success": np.mean([e["won"] for e in eps]), "return": np.mean([e["return"] for e in eps]),
-            "steps": np.mean([e["steps"] for e in eps]), "switches": np.mean([e["switches"] for e in eps]),
-            "invalid": np.mean(G["invalid"]),
-            **{f"success/{tt}": np.mean([e["won"] for e in eps if e["task_type"] == tt])
-               for tt in sorted({e["task_type"] for e in eps})},
-            **{f"expert_share/{k}": np.mean(np.array(G["k"]) == k) for k in range(K)},
-            **stats, "resp_len_mean": np.mean(G["resp_len"]), "resp_len_max": max(G["resp_len"]),
-            "env_steps": len(G["k"])}
-
-
 def start_run(args, agent, opt, tau_state):
     """Fresh run: remove the out_dir's old logs. Resume: load the checkpoint and drop the metrics lines written after
     it. Returns the iteration to continue from."""
@@ -1302,7 +1252,9 @@ def train(args):
                 fix = f"continue from the last good checkpoint with --resume {saved}" if saved else "rerun"
                 raise SystemExit(f"pamoe.py: error: iteration {it}: {e} is not finite; stopped before writing anything "
                                  f"of it. Lower the learning rates (or --max_grad_norm) and {fix}") from e
-            m = {"iteration": it, **iteration_metrics(G, rollout_stats(G, args.num_envs), stats, args.experts[0]),
+            m = {"iteration": it, **episode_metrics(G, rollout_stats(G, args.num_envs), args.experts[0],
+                                                    envs.TASK_COLUMNS[args.env]), **stats,
+                 "resp_len_mean": np.mean(G["resp_len"]), "resp_len_max": max(G["resp_len"]), "env_steps": len(G["k"]),
                  "rollout_s": t_roll, "prepare_s": t_prep, "update_s": time.time() - t0 - t_roll - t_prep,
                  "iteration_s": time.time() - t0}
             m.update(sps=m["env_steps"] / m["iteration_s"], **(report_evaluation(agent, it, stats["tau"]) if evaluating
