@@ -15,7 +15,6 @@ Interface (every env, batched over N lanes stepped in lockstep):
 Command line:
     python envs.py make-alfworld-mini DIR    the offline mini ALFWorld game set (then --alfworld_data DIR)
 """
-import bisect
 import contextlib
 import itertools
 import json
@@ -616,7 +615,8 @@ def response_length(ids, tok, stop):
     n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
     pieces = tok.batch_decode([[i] for i in ids[:n]]) if stop else []  # the text of each token
     at = "".join(pieces).find(stop) if stop else -1
-    return n if at < 0 else bisect.bisect_left(list(itertools.accumulate(map(len, pieces))), at + len(stop)) + 1
+    ends = itertools.accumulate(map(len, pieces))  # where each token's text ends
+    return n if at < 0 else next(i + 1 for i, end in enumerate(ends) if end >= at + len(stop))
 
 
 # ---------------------------------------------------------------------------------------------------------

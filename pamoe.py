@@ -1080,9 +1080,9 @@ def export_experts(agent, folder, it, tau):
         torch.save({"state": agent.router.state_dict(), "flags": flags, "tau": tau, "hidden_size":
                     agent.lm.config.hidden_size}, os.path.join(folder, "router.pt"))
     if a.model == "tiny":  # built in code: its weights go with the adapters, without the experts' wrappers
-        base = {key.replace(".base.", "."): w for key, w in agent.lm.state_dict().items()
-                if not key.endswith((".A", ".B", ".router.weight"))}
-        agent.lm.save_pretrained(os.path.join(folder, "base"), state_dict=base)
+        weights = {key.replace(".base.", "."): w for key, w in agent.lm.state_dict().items()
+                   if not key.endswith((".A", ".B", ".router.weight"))}
+        agent.lm.save_pretrained(os.path.join(folder, "base"), state_dict=weights)
         agent.tok.save_pretrained(os.path.join(folder, "base"))
     base, tiny = ("base", " (pamoe.py's `tiny`: weights in `base/`, tokenizer via PreTrainedTokenizerFast, not "
                   "AutoTokenizer)") if a.model == "tiny" else (a.model, "")

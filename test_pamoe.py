@@ -186,7 +186,8 @@ def test_multi_token_answers_sample_from_the_policy_ppo_scores():
                                "{% if add_generation_prompt %} assistant :{% endif %}")
     texts = [envs.fit_prompt(agent.tok, agent.args, {"goal": f"put some apple in shelf {i}.", "admissible": ["look"]},
                              "You see a shelf.", [], 0) for i in range(1, 4)]
-    assert all(t.startswith("user : ") and t.endswith("assistant :") and "shelf 2" in texts[1] for t in texts)
+    assert all(t.startswith("user : You are an agent") and t.endswith("assistant :") for t in texts)
+    assert "put some apple in shelf 2." in texts[1]
     enc = agent.tok(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
     gates = F.one_hot(torch.tensor([0, 2, 3]), 4).float()[:, None]
     torch.manual_seed(0)
