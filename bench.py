@@ -360,7 +360,7 @@ def memory(opts):
                 pamoe.checkpoint_layers(model)
             for T in lengths:
                 body, head, sec = micro_batch_bytes(model, routing, opts.experts, T, opts.response)
-                rows.append(dict(layers=layers, T=T, R=opts.response, grad_ckpt=ckpt, body_per_token=body / T,
+                rows.append(dict(layers=layers, T=T, R=opts.response, grad_ckpt=ckpt, body_bytes=body,
                                  head_per_response_token=head / opts.response, seconds=sec))
                 print(f"{layers:>3} layers, {T:>5} tokens ({opts.response} response), --grad_ckpt {str(ckpt):<5}: "
                       f"decoder keeps {body / T / 1024:7.1f} KiB/token, log-prob head "
@@ -379,12 +379,18 @@ def derive(rows, sizes, opts):
     whose PPO step fits each GPU size at the given lengths. Every GPU figure here is derived, not measured on a GPU."""
     L, V, kv_width, inter = 28, 151936, 2 * 128, 8960  # layers, vocabulary, K/V width (2 heads x 128), MLP width
     lo, hi, T = min(r["layers"] for r in rows), max(r["layers"] for r in rows), max(r["T"] for r in rows)
+
+    def linear(ckpt, layers):  # decoder bytes = per_token T + per_pass (the experts' weights, concatenated once a pass)
+        (t1, b1), (t2, b2) = sorted((r["T"], r["body_bytes"]) for r in rows
+                                    if r["grad_ckpt"] == ckpt and r["layers"] == layers)[-2:]
+        return np.array([(b2 - b1) / (t2 - t1), b1 - (b2 - b1) / (t2 - t1) * t1])
     per = {}
     for ckpt in (False, True):
-        at = {r["layers"]: r for r in rows if r["grad_ckpt"] == ckpt and r["T"] == T}
-        layer = (at[hi]["body_per_token"] - at[lo]["body_per_token"]) / (hi - lo)  # bytes/token of one more layer
-        per[ckpt] = dict(layer=layer, body=at[lo]["body_per_token"] + (L - lo) * layer,
-                         head=at[hi]["head_per_response_token"])
+        layer = (linear(ckpt, hi) - linear(ckpt, lo)) / (hi - lo)  # [per token, per pass] of one more layer
+        body = linear(ckpt, lo) + (L - lo) * layer
+        head = next(r for r in rows if r["grad_ckpt"] == ckpt and r["layers"] == hi and r["T"] == T)
+        per[ckpt] = dict(layer=float(layer[0]), body=float(body[0]), per_pass=float(body[1]),
+                         head=head["head_per_response_token"])
     replay = per[False]["layer"]  # --grad_ckpt: one layer's activations exist again while it is replayed in backward
     S = opts.prompt + opts.new  # tokens per sequence; opts.new of them are response tokens
     weights = (sizes["embedding"] + L * sizes["layer"]) * 2  # bf16, tied embeddings
@@ -400,7 +406,8 @@ def derive(rows, sizes, opts):
         row = {"gpu_gb": gb, "rollout_fits": fixed + kv + prefill <= usable}
         for ckpt in (False, True):
             per_seq = S * per[ckpt]["body"] + opts.new * per[ckpt]["head"] + (S * replay if ckpt else 0)
-            row[f"micro_batch grad_ckpt={ckpt}"] = max(0, int((usable - fixed - chunk) // per_seq))
+            row[f"micro_batch grad_ckpt={ckpt}"] = max(0, int((usable - fixed - chunk - per[ckpt]["per_pass"])
+                                                                // per_seq))
             row[f"GiB per sequence grad_ckpt={ckpt}"] = per_seq / GIB
         out["table"].append(row)
     print(f"\nDerived for Qwen2.5-1.5B (28 layers), sequences of {opts.prompt} + {opts.new} tokens, --num_envs "
@@ -408,6 +415,7 @@ def derive(rows, sizes, opts):
     for ckpt in (False, True):
         print(f"  --grad_ckpt {str(ckpt).lower():<5}: {per[ckpt]['body'] / 1024:.1f} KiB per token kept for backward "
               f"({per[ckpt]['layer'] / 1024:.1f} KiB per layer) + {per[ckpt]['head'] / 1024:.2f} KiB per response token"
+              f" + {per[ckpt]['per_pass'] / 2 ** 20:.0f} MiB per micro-batch (the experts' concatenated weights)"
               + (f" + one layer replayed in backward, {replay / 1024:.1f} KiB per token" if ckpt else ""))
     print(f"  (the log-prob head unchunked and not checkpointed would keep "
           f"{sizes['logits_chunk_saved'] / pamoe.LOGIT_CHUNK / 2 ** 20:.2f} MiB per response token)")

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 import envs
 
@@ -303,6 +304,11 @@ def load_model(args, device):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.truncation_side = "left"  # an over-long prompt loses its start, never the admissible actions and question
+    # Sample what PPO scores: generate fills every setting it is not given from the model's own generation config
+    # (Qwen2.5-Instruct ships repetition_penalty 1.1, top_k 20, top_p 0.8), which response_logprobs never applies.
+    # Only the special tokens are kept; `generate` states every sampling setting.
+    model.generation_config = GenerationConfig(bos_token_id=model.generation_config.bos_token_id,
+                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.requires_grad_(False)  # base weights frozen
     model.eval()  # dropout off, for rollouts and PPO alike
     return model.to(device=device, dtype=dtype), tok
@@ -330,8 +336,10 @@ class Routing:
 
 class LoRAExperts(nn.Module):
     """A frozen nn.Linear plus K LoRA experts, stacked so that one pass serves a batch where every sequence
-    (or token) has its own expert:  y = W x + (alpha/r) * ((x A_cat) * m) B_cat,  A_cat (in, K*r), B_cat (K*r, out),
-    m the gates of each expert repeated r times."""
+    (or token) has its own expert:  y = W x + (alpha/r) * ((x A_cat) * m) B_cat,  A_cat = [A_1 .. A_K] (in, K*r),
+    B_cat = [B_1; ..; B_K] (K*r, out), m the gates of each expert repeated r times. Each expert's A_k (in, r) and
+    B_k (r, out) is a parameter of its own, as K separate adapters are: an optimiser step skips the experts whose
+    gradient optimizer_step drops (those no step routed to, `chosen`), so they keep their weights and AdamW state."""
 
     def __init__(self, base, num_experts, rank, alpha, routing, token_routing):
         super().__init__()
@@ -339,9 +347,11 @@ class LoRAExperts(nn.Module):
         A = torch.empty(num_experts, rank, base.in_features)
         for a in A:  # each expert initialised like nn.Linear (kaiming-uniform); B zero so experts start as no-ops
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.A = nn.Parameter(A.reshape(num_experts * rank, base.in_features).T.contiguous())  # (in, K*r)
-        self.B = nn.Parameter(torch.zeros(num_experts * rank, base.out_features))  # (K*r, out)
+        self.A = nn.ParameterList(nn.Parameter(a.T.contiguous()) for a in A)  # K x (in, r)
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(rank, base.out_features)) for _ in range(num_experts))
         self.router = nn.Linear(base.in_features, num_experts, bias=False) if token_routing else None
+        # experts routed to by a forward pass with gradient since the last optimiser step (on this rank)
+        self.register_buffer("chosen", torch.zeros(num_experts, dtype=torch.bool), persistent=False)
 
     def forward(self, x):
         y = self.base(x)
@@ -354,11 +364,13 @@ class LoRAExperts(nn.Module):
             gates = F.one_hot(choice, self.K) * probs
             self.routing.token_probs.append(probs)
             self.routing.token_choices.append(choice)
-        h = x.float() @ self.A  # (B, T, K*r): all experts at once
+        if torch.is_grad_enabled():
+            self.chosen |= gates.detach().flatten(0, -2).ne(0).any(0)  # (K,)
+        h = x.float() @ torch.cat(list(self.A), dim=1)  # (B, T, K*r): all experts at once
         # Per-phase masked backprop: columns of unrouted experts are multiplied by 0 here, so their A and B
         # receive exactly zero gradient; only tokens routed to expert k train expert k.
         h = h * (self.scale * gates).repeat_interleave(self.r, dim=-1)  # (B, T, K*r); alpha/r folded in
-        return y + (h @ self.B).to(y.dtype)
+        return y + (h @ torch.cat(list(self.B))).to(y.dtype)
 
 
 def attach_experts(model, args):
@@ -811,21 +823,28 @@ def check_finite(named):
 def router_losses(agent, R, B, mb, tau):
     """The step router on minibatch mb (this rank's steps; means over all ranks): p_t at each step and p_t+1 at the
     next step of the same episode, straight-through gates of the rollout's choices k, and its auxiliary losses
-        switch  = lambda_s mean_t (1 - sum_k p_t,k p_t+1,k)           temporal consistency
+        switch  = lambda_s mean_t (1 - sum_k p_t,k p_t+1,k)           temporal consistency (phase routing)
         balance = lambda_b balance_loss(P, f)                          load balance
         info    = -lambda_i I(k; verb of the previous action)          behaviour information (phase routing)
+    Trajectory routing decides once per episode, from its first step, so it never switches: its p_t+1 would be p_t
+    and the switch term 1 - sum_k p_k^2 a sharpening of p weighted by the episode's length; it has no switch term.
     Returns gates (B, 1, K), {term: loss}, {statistic: value}."""
     a, n, lanes, k, nxt = agent.args, all_sum(len(mb)), B["lanes"][mb], B["k"][mb], B["next"][mb]  # nxt -1: no t+1
-    wins = torch.cat([B["router_windows"][mb], B["router_windows"][nxt.clamp(min=0)]])
-    gl = torch.cat([lanes, lanes])
-    p, p_next = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl], tau).chunk(2)
-    pairs = (nxt >= 0).sum()
-    sw = summed(switch_penalty(p, p_next, nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
-    balance = balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
-    terms = {"switch": a.switch_coef * sw, "balance": a.balance_coef * balance}
-    entropy = all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n
-    stats = {"switch_penalty": float(sw.detach()), "router_entropy": entropy}
-    if a.routing == "phase":  # the rollout's log-ratios log(P_verb / P) held fixed: the gradient of I (group_logratio)
+    phase = a.routing == "phase"
+    wins = B["router_windows"][mb]
+    if phase:
+        wins = torch.cat([wins, B["router_windows"][nxt.clamp(min=0)]])  # and the next step's windows
+    gl = lanes.repeat(len(wins) // len(mb))
+    probs = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl], tau)
+    p = probs[:len(mb)]
+    terms, stats = {}, {}
+    if phase:
+        pairs = (nxt >= 0).sum()
+        sw = summed(switch_penalty(p, probs[len(mb):], nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
+        terms["switch"], stats["switch_penalty"] = a.switch_coef * sw, float(sw.detach())
+    terms["balance"] = a.balance_coef * balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
+    stats["router_entropy"] = all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n
+    if phase:  # the rollout's log-ratios log(P_verb / P) held fixed: the gradient of I (group_logratio)
         info = summed((p * B["verb_logratio"][mb]).sum() / n)
         terms["info"], stats["verb_information"] = -a.info_coef * info, float(info.detach())
     return step_gates(p, k), terms, stats
@@ -891,11 +910,24 @@ def policy_backward(agent, R, B, mb, gates):
     return mean, checked
 
 
+def drop_unrouted_gradients(experts):
+    """Train only what you route: the gradients of the experts that no forward pass routed to since the minibatch
+    began (on any rank; per layer for token routing) are dropped, so that the optimiser skips them as it skips a
+    separate adapter without a gradient: no AdamW momentum, weight decay or step count moves them."""
+    chosen = all_sum(torch.stack([e.chosen for e in experts]).int()) > 0  # (modules, K)
+    for e, routed in zip(experts, chosen.tolist()):
+        for k in range(e.K):
+            if not routed[k]:
+                e.A[k].grad = None
+                e.B[k].grad = None
+
+
 def optimizer_step(agent, opt):
-    """Sum every rank's share of the gradients (the whole minibatch's gradient on every rank), clip each parameter
-    group's norm, stop on a nan or inf before it trains on, step."""
+    """Sum every rank's share of the gradients (the whole minibatch's gradient on every rank), drop those of unrouted
+    experts, clip each parameter group's norm, stop on a nan or inf before it trains on, step."""
     for q in agent.parameters():
         q.grad = None if q.grad is None else all_sum(q.grad)
+    drop_unrouted_gradients(agent.experts)
     check_finite({f"gradient norm of {g['name']}": nn.utils.clip_grad_norm_(g["params"], agent.args.max_grad_norm)
                   for g in opt.param_groups})
     opt.step()
@@ -909,6 +941,8 @@ def ppo_update(agent, opt, R, B, tau_state):
         for mb in torch.randperm(len(R["seq"])).tensor_split(min(math.ceil(sum(sizes) / a.minibatch), *sizes)):
             mb, n = mb.to(agent.device), all_sum(len(mb))
             opt.zero_grad(set_to_none=True)
+            for e in agent.experts:  # the minibatch's forward passes record the experts they route to
+                e.chosen.zero_()
             gates, aux, out = step_gates_for(agent, mb, B["k"]), {}, {}
             if agent.router is not None:
                 tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
@@ -942,8 +976,8 @@ def expert_diagnostics(agent, R, B):
     type c carry (their response tokens / all).
         occupancy/<k>/<c> = |g_k,c| / sum_c' |g_k,c'|        which task types train expert k
         conflict/<k>      = mean over pairs c != c' of cos(g_k,c, g_k,c')   (pairs where both are non-zero)"""
-    a, (K, r) = agent.args, agent.args.experts
-    params = [p for e in agent.experts for p in (e.A, e.B)]  # A (in, K*r), B (K*r, out) of every wrapped linear
+    a, K = agent.args, agent.args.experts[0]
+    params = [p for k in range(K) for e in agent.experts for p in (e.A[k], e.B[k])]  # expert by expert
     types, tokens = sorted({c for part in all_gather(R["task_type"]) for c in part}), all_sum(sum(R["resp_len"]))
     g = {}
     for c in types:
@@ -954,11 +988,7 @@ def expert_diagnostics(agent, R, B):
             with agent.routing(gates):  # backward inside: --grad_ckpt replays the layers with these gates
                 loss, _, n_resp = policy_loss(agent, R, B, part, gates)
                 acc = [x + y for x, y in zip(acc, torch.autograd.grad(n_resp / tokens * loss, params))]
-        acc = all_sum(torch.cat([x.flatten() for x in acc])).split([p.numel() for p in params])
-        # (K, n): expert k's columns of every A and rows of every B
-        g[c] = torch.stack([torch.cat([(x.view(p.shape)[:, k * r:(k + 1) * r] if i % 2 == 0 else
-                                        x.view(p.shape)[k * r:(k + 1) * r]).flatten()
-                                       for i, (x, p) in enumerate(zip(acc, params))]) for k in range(K)])
+        g[c] = all_sum(torch.cat([x.flatten() for x in acc])).view(K, -1)  # (K, n): expert k's A and B, all layers
     out = {}
     for k in range(K):
         norms = {c: float(g[c][k].norm()) for c in types}
@@ -1057,8 +1087,8 @@ def report_evaluation(agent, it, tau):
 
 # --- Using a trained agent: evaluate a checkpoint, export its experts as PEFT LoRA adapters ---------------------------
 def export_experts(agent, folder, it, tau):
-    """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (lora_A (r, in) = A_cat[:, k r:(k+1) r].T,
-    lora_B (out, r) = B_cat[k r:(k+1) r].T, scaled by lora_alpha / r as here), the router with the flags that rebuild
+    """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (lora_A (r, in) = A_k.T, lora_B (out, r) =
+    B_k.T, scaled by lora_alpha / r as here), the router with the flags that rebuild
     it (router.pt), how to use them (README.md), and for `tiny` the frozen base itself (base/)."""
     from safetensors.torch import save_file
     a, (K, r) = agent.args, agent.args.experts
@@ -1066,8 +1096,8 @@ def export_experts(agent, folder, it, tau):
     for k in range(K):
         out = os.path.join(folder, f"expert_{LETTERS[k]}")
         os.makedirs(out, exist_ok=True)
-        save_file({f"base_model.model.{paths[id(e)]}.lora_{x}.weight": w.contiguous() for e in agent.experts  # PEFT
-                   for x, w in (("A", e.A[:, k * r:(k + 1) * r].T), ("B", e.B[k * r:(k + 1) * r].T))},  # (r,in) (out,r)
+        save_file({f"base_model.model.{paths[id(e)]}.lora_{x}.weight": w.T.contiguous() for e in agent.experts
+                   for x, w in (("A", e.A[k]), ("B", e.B[k]))},  # PEFT's lora_A (r, in), lora_B (out, r)
                   os.path.join(out, "adapter_model.safetensors"))
         with open(os.path.join(out, "adapter_config.json"), "w") as f:
             json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": a.alpha, "target_modules":
@@ -1080,13 +1110,15 @@ def export_experts(agent, folder, it, tau):
         torch.save({"state": agent.router.state_dict(), "flags": flags, "tau": tau, "hidden_size":
                     agent.lm.config.hidden_size}, os.path.join(folder, "router.pt"))
     if a.model == "tiny":  # built in code: its weights go with the adapters, without the experts' wrappers
-        weights = {key.replace(".base.", "."): w for key, w in agent.lm.state_dict().items()
-                   if not key.endswith((".A", ".B", ".router.weight"))}
+        trained = {name for name, w in agent.lm.named_parameters() if w.requires_grad}  # experts, token routers
+        weights = {key.replace(".base.", "."): w for key, w in agent.lm.state_dict().items() if key not in trained}
         agent.lm.save_pretrained(os.path.join(folder, "base"), state_dict=weights)
         agent.tok.save_pretrained(os.path.join(folder, "base"))
     base, tiny = ("base", " (pamoe.py's `tiny`: weights in `base/`, tokenizer via PreTrainedTokenizerFast, not "
                   "AutoTokenizer)") if a.model == "tiny" else (a.model, "")
-    vllm_rank = min(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)  # the values vLLM's max_lora_rank takes
+    vllm_ranks = [x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r]  # the values vLLM's max_lora_rank takes
+    vllm = (f"with vLLM multi-LoRA (`enable_lora=True, max_loras={K}, max_lora_rank={vllm_ranks[0]}`)" if vllm_ranks
+            else f"with a server that takes rank {r} (vLLM's max_lora_rank stops at 512)")
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(f"""# PA-MoE experts of {a.resume} (iteration {it})
 
@@ -1095,8 +1127,7 @@ alpha {a.alpha}, on {a.targets}. One expert with PEFT:
 
     peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("{base}"), "expert_A")
 
-All experts with vLLM multi-LoRA (`enable_lora=True, max_loras={K}, max_lora_rank={vllm_rank}`): one `LoRARequest` per
-request, the router's choice for that environment step. `router.pt` (phase, trajectory): `state` of
+All experts {vllm}: one adapter per request, the router's choice for that environment step. `router.pt` (phase, trajectory): `state` of
 `pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, sizes and prompt flags in `flags`. It reads
 frozen-base features (adapters off: `pamoe.StepFeatures`) of the last {a.router_window} steps and the goal's token
 states; the step's expert is argmax softmax(logits / {tau:.3f}) (trajectory routing: at the episode's first step only).
@@ -1186,20 +1217,35 @@ def seed_everything(seed):
 
 
 def start_run(args, agent, opt, tau_state):
-    """Fresh run: remove the out_dir's old logs. Resume: load the checkpoint and drop the metrics lines written after
-    it. Returns the iteration to continue from."""
+    """Fresh run: remove the out_dir's old logs. Resume: load the checkpoint and drop what the logs hold of the
+    iterations after it (metrics lines, evaluation reports). Returns the iteration to continue from."""
     files = {name: os.path.join(args.out_dir, name) for name in ("metrics.jsonl", "eval.log")}
     start = load_checkpoint(args.resume, agent, opt, tau_state) if args.resume else 0
     if rank_world()[0] == 0 and not args.resume:
         for path in files.values():
             if os.path.exists(path):
                 os.remove(path)
-    elif rank_world()[0] == 0 and os.path.exists(files["metrics.jsonl"]):
-        with open(files["metrics.jsonl"]) as f:
-            kept = [line for line in f if json.loads(line)["iteration"] <= start]
-        with open(files["metrics.jsonl"], "w") as f:
-            f.writelines(kept)
+    elif rank_world()[0] == 0:
+        keep_until(files["metrics.jsonl"], start, lambda line: json.loads(line)["iteration"])
+        keep_until(files["eval.log"], start, lambda line: int(line.split("]")[0][len("[iteration "):])
+                   if line.startswith("[iteration ") else None)
     return start
+
+
+def keep_until(path, start, iteration_of):
+    """Keep the lines of a log that belong to iterations <= start: iteration_of(line) is the iteration a line begins
+    (None: the line belongs to the one before it)."""
+    if not os.path.exists(path):
+        return
+    kept, it = [], 0
+    with open(path) as f:
+        for line in f:
+            begins = iteration_of(line)
+            it = it if begins is None else begins
+            if it <= start:
+                kept.append(line)
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def log_metrics(out_dir, m):

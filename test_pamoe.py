@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +35,8 @@ def randomize_experts(agent, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in agent.experts:
-            m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.1)
+            for b in m.B:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +86,71 @@ def test_only_routed_experts_receive_gradient(rollout_data):
     k = torch.tensor([0, 2, 2, 0])  # experts 1 and 3 unrouted
     logp, _, mask = agent.response_logprobs(seqs, pl, rl, 1.0, F.one_hot(k, 4).float()[:, None])
     logp[mask].sum().backward()
-    r = agent.args.rank
     for m in agent.experts:
         for e in range(4):
-            gA, gB = m.A.grad[:, e * r:(e + 1) * r], m.B.grad[e * r:(e + 1) * r]
+            gA, gB = m.A[e].grad, m.B[e].grad
             if e in (1, 3):
                 assert torch.count_nonzero(gA) == 0 and torch.count_nonzero(gB) == 0
             else:
                 assert gB.abs().sum() > 0
         assert m.base.weight.grad is None
-    assert all(p.grad is None for n, p in agent.lm.named_parameters() if not n.endswith((".A", ".B")))
+    assert all(p.grad is None for n, p in agent.lm.named_parameters() if ".A." not in n and ".B." not in n)
+
+
+def test_stacked_experts_under_adamw_step_exactly_as_k_separate_adapters():
+    """Train only what you route: LoRAExperts (one stacked pass) against K separate adapters, each sequence through its
+    own expert's A_k and B_k, under AdamW with weight decay, over steps whose routings leave different experts out.
+    An expert no sequence chose keeps its weights and its AdamW state (exp_avg, exp_avg_sq, step), as a separate
+    adapter without a gradient does."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    stacked = pamoe.LoRAExperts(base, 3, 2, 4.0, pamoe.Routing(), token_routing=False)
+    with torch.no_grad():
+        for b in stacked.B:
+            b.normal_()
+    separate = [[p.detach().clone().requires_grad_() for p in (stacked.A[k], stacked.B[k])] for k in range(3)]
+    ours = torch.optim.AdamW([*stacked.A, *stacked.B], lr=0.1, weight_decay=0.1)
+    theirs = torch.optim.AdamW([p for pair in separate for p in pair], lr=0.1, weight_decay=0.1)
+    weights = torch.randn(4, 3, 5)
+    for k in ([0, 0, 1, 1], [2, 2, 2, 2], [0, 1, 2, 0], [1, 1, 1, 1]):  # expert 2, then 0 and 1, then 0 and 2 idle
+        x, k = torch.randn(4, 3, 6), torch.tensor(k)
+        ours.zero_grad(set_to_none=True)
+        stacked.chosen.zero_()  # as ppo_update does at each minibatch
+        with stacked.routing(F.one_hot(k, 3).float()[:, None]):
+            (stacked(x) * weights).sum().backward()
+        pamoe.drop_unrouted_gradients([stacked])
+        ours.step()
+        theirs.zero_grad(set_to_none=True)
+        y = torch.stack([base(x[i]) + 2.0 * x[i] @ separate[e][0] @ separate[e][1] for i, e in enumerate(k.tolist())])
+        (y * weights).sum().backward()
+        theirs.step()
+        for e in range(3):
+            for mine, other in zip((stacked.A[e], stacked.B[e]), separate[e]):
+                torch.testing.assert_close(mine.detach(), other.detach(), atol=1e-6, rtol=0)
+                state, ref = ours.state.get(mine, {}), theirs.state.get(other, {})
+                assert state.keys() == ref.keys()
+                for key in state:
+                    torch.testing.assert_close(state[key], ref[key], atol=1e-6, rtol=0)
+    assert float(theirs.state[separate[2][0]]["step"]) == 2  # expert 2 was idle in two of the four steps
+
+
+def test_an_expert_no_step_chose_keeps_its_weights_and_adamw_state_through_the_update(rollout_data):
+    """ppo_update on a rollout routed to experts A, B and C only: D's A and B and its (absent) AdamW state stay as
+    they were; the routed experts move."""
+    agent = make_agent("--num_experts", "4")
+    randomize_experts(agent)
+    _, R = rollout_data
+    R = dict(R, k=[i % 3 for i in range(len(R["k"]))])  # expert D never chosen
+    before = agent.trainable_state()
+    opt = torch.optim.AdamW(agent.param_groups(), weight_decay=0.1)
+    pamoe.ppo_update(agent, opt, R, pamoe.prepare_batch(agent, R), {"updates": 0})
+    after = agent.trainable_state()
+    idle = [n for n in before if re.search(r"\.[AB]\.3$", n)]
+    moved = [n for n in before if re.search(r"\.[AB]\.[012]$", n)]
+    assert idle and all(torch.equal(before[n], after[n]) for n in idle)
+    assert all(not torch.equal(before[n], after[n]) for n in moved)
+    named = dict(agent.named_parameters())
+    assert not any(named[n] in opt.state for n in idle) and all(named[n] in opt.state for n in moved)
 
 
 def test_straight_through_gates_pass_router_gradient_but_keep_one_hot_forward():
@@ -142,23 +199,57 @@ def test_gae_equals_naive_loop_with_termination_and_truncation():
         torch.testing.assert_close(ret[n, :L], adv[n, :L] + V[n, :L])
 
 
-def test_ppo_loss_clips_and_kl_estimator():
-    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
-    old = torch.zeros(1, 4)
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    logp = torch.tensor([[0.5, 0.0, -0.5, 0.1]], requires_grad=True)  # ratios e^.5, 1, e^-.5, e^.1
-    loss, clipfrac, _ = pamoe.ppo_policy_loss(logp, old, adv, mask, clip=0.2)
+def test_prepare_batch_returns_are_gae_bootstrapped_from_the_final_observation_at_truncation():
+    """prepare_batch's returns (A + V) against the naive loop on each episode, with V the critic's value of each step's
+    window and, where the step limit cut an episode, of the final observation's window."""
+    agent = make_agent()
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 3), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
+    B = pamoe.prepare_batch(agent, R)
+    assert R["final_window"]  # 3 steps: some lanes truncated
+
+    @torch.no_grad()
+    def value(window, lane):
+        return float(agent.critic(R["table"][torch.tensor([window])], R["goal_states"][[lane]],
+                                  R["goal_mask"][[lane]])[0, 0])
+    for n in range(4):
+        idx = [i for i, lane in enumerate(R["lane"]) if lane == n]  # its steps, in order
+        values = [value(R["window"][i], n) for i in idx]
+        boot = value(R["final_window"][n], n) if n in R["final_window"] else 0.0
+        adv, = naive_gae([([R["reward"][i] for i in idx], values, R["terminated"][idx[-1]], boot)],
+                         agent.args.gamma, agent.args.gae_lambda)
+        torch.testing.assert_close(B["ret"][idx], torch.tensor(adv) + torch.tensor(values), atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_loss_clips_only_in_the_advantages_favour_and_kl_is_k3_of_pi_against_the_reference():
+    """The clipped surrogate max(-A r, -A clip(r, 1 - eps, 1 + eps)) on the four branches: a ratio that left the range
+    in the advantage's favour is clipped (no gradient); one that left it against the advantage is not (the pessimistic
+    bound: A > 0 with r < 1 - eps, A < 0 with 1 + eps < r < 3). k3 pinned both ways."""
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])
+    old = torch.zeros(1, 5)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    logp = torch.tensor([[0.5, -0.5, -0.5, 0.5, 0.1]], requires_grad=True)
+    ratio = logp.detach().exp()  # 1.65 (A > 0: clipped), 0.61 (A < 0: clipped), 0.61 (A > 0), 1.65 (A < 0), 1.11
+    loss, clipfrac, approx_kl = pamoe.ppo_policy_loss(logp, old, adv, mask, clip=0.2)
     loss.backward()
-    assert clipfrac == 0.5
-    # clipped where the ratio left the range in the advantage's favour: no gradient there
-    assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0
-    assert logp.grad[0, 1] < 0 and logp.grad[0, 3] > 0
-    expected = -(1.2 + 1.0 - 0.8 - torch.e ** 0.1) / 4
-    torch.testing.assert_close(loss.detach(), torch.tensor(expected))
-    assert pamoe.kl_k3(logp.detach(), logp.detach(), mask) == 0
-    assert pamoe.kl_k3(torch.zeros(1, 4), torch.full((1, 4), -0.3), mask) > 0
+    expected = torch.tensor([-1.2, 0.8, -ratio[0, 2], ratio[0, 3], -ratio[0, 4]])  # per token, -A r or -A clip(r)
+    torch.testing.assert_close(loss.detach(), expected.mean())
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == 0  # clipped in the advantage's favour
+    torch.testing.assert_close(logp.grad[0, 2:], (-adv * ratio)[0, 2:] / 5)  # d(-A r)/d log r = -A r, token mean
+    assert clipfrac == pytest.approx(4 / 5)
+    assert float(approx_kl.detach()) == pytest.approx(-0.1 / 5)
+    assert float(pamoe.kl_k3(torch.zeros(1, 5), torch.full((1, 5), -0.3), mask)) == pytest.approx(0.040818, abs=1e-6)
+    assert float(pamoe.kl_k3(torch.full((1, 5), -0.3), torch.zeros(1, 5), mask)) == pytest.approx(0.049859, abs=1e-6)
     with pytest.raises(ValueError):
-        pamoe.masked_mean(logp, torch.zeros(1, 4, dtype=torch.bool))
+        pamoe.masked_mean(logp, torch.zeros(1, 5, dtype=torch.bool))
+
+
+def test_whitening_gives_mean_zero_and_standard_deviation_one_over_the_mask():
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(4, 6, generator=g) * 3 + 2, torch.rand(4, 6, generator=g) < 0.7
+    w = pamoe.whiten(x, mask)
+    ref = (x[mask] - x[mask].mean()) / x[mask].std(unbiased=False)
+    torch.testing.assert_close(w[mask], ref, atol=1e-5, rtol=0)
+    assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
 
 
 def test_ppo_ratio_is_one_on_first_minibatch_and_kl_zero_while_experts_are_zero(rollout_data):
@@ -174,7 +265,27 @@ def test_ppo_ratio_is_one_on_first_minibatch_and_kl_zero_while_experts_are_zero(
     torch.testing.assert_close(torch.where(mask, logp - old, 0), torch.zeros_like(logp), atol=1e-5, rtol=0)
     assert clipfrac == 0 and abs(float(approx_kl.detach())) < 1e-5
     assert float(pamoe.kl_k3(logp, ref, mask).detach()) == pytest.approx(0, abs=1e-6)
-    assert torch.isfinite(B["adv"]).all() and abs(float(B["adv"].mean())) < 1e-5  # whitened
+    assert float(B["adv"].mean()) == pytest.approx(0, abs=1e-5)  # whitened
+    assert float(B["adv"].std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+
+
+def test_reference_log_probs_are_the_experts_off_models_and_kl_grows_once_experts_move(rollout_data):
+    """With trained (non-zero) experts the reference policy is the frozen base alone: prepare_batch's reference
+    log-probs equal the experts-off model's, the old log-probs the routed model's, and the KL between them is > 0."""
+    _, R = rollout_data
+    agent = make_agent()
+    randomize_experts(agent)
+    B = pamoe.prepare_batch(agent, R)
+    idx = torch.arange(len(R["seq"]))
+    seqs, pl, rl = ([R[k][i] for i in idx] for k in ("seq", "prompt_len", "resp_len"))
+    with torch.no_grad():
+        off, _, mask = agent.response_logprobs(seqs, pl, rl, 1.0, None, experts_on=False)
+        on = agent.response_logprobs(seqs, pl, rl, 1.0, pamoe.step_gates_for(agent, idx, B["k"]))[0]
+    ref = torch.nn.utils.rnn.pad_sequence(B["ref_logp"], batch_first=True)
+    old = torch.nn.utils.rnn.pad_sequence(B["old_logp"], batch_first=True)
+    torch.testing.assert_close(torch.where(mask, ref, 0), torch.where(mask, off, 0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.where(mask, old, 0), torch.where(mask, on, 0), atol=1e-5, rtol=0)
+    assert (on - off)[mask].abs().max() > 1e-3 and float(pamoe.kl_k3(on, ref, mask)) > 1e-5
 
 
 def test_multi_token_answers_sample_from_the_policy_ppo_scores():
@@ -184,11 +295,13 @@ def test_multi_token_answers_sample_from_the_policy_ppo_scores():
     randomize_experts(agent)
     agent.tok.chat_template = ("{% for m in messages %}user : {{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %} assistant :{% endif %}")
-    texts = [envs.fit_prompt(agent.tok, agent.args, {"goal": f"put some apple in shelf {i}.", "admissible": ["look"]},
-                             "You see a shelf.", [], 0) for i in range(1, 4)]
+    goals = ["put some apple in shelf 1.", "put a clean apple in shelf 2.", "put a hot apple in countertop 1."]
+    texts = [envs.fit_prompt(agent.tok, agent.args, {"goal": goal, "admissible": ["look"]}, "You see a shelf.", [], 0)
+             for goal in goals]
     assert all(t.startswith("user : You are an agent") and t.endswith("assistant :") for t in texts)
-    assert "put some apple in shelf 2." in texts[1]
+    assert "put a clean apple in shelf 2." in texts[1]
     enc = agent.tok(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    assert not enc.attention_mask[:, 0].all()  # prompts of different lengths: left-padded
     gates = F.one_hot(torch.tensor([0, 2, 3]), 4).float()[:, None]
     torch.manual_seed(0)
     with agent.routing(gates):
@@ -204,7 +317,8 @@ def test_multi_token_answers_sample_from_the_policy_ppo_scores():
     torch.testing.assert_close(logp, sampled, atol=1e-4, rtol=0)
     R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
     assert max(R["resp_len"]) > 1 and max(R["resp_len"]) <= 16
-    assert all(r == pytest.approx(-0.1) for r, bad in zip(R["reward"], R["invalid"]) if bad)  # random text: invalid
+    assert any(R["invalid"])  # random text: invalid answers, each penalised
+    assert all(r == pytest.approx(-0.1) for r, bad in zip(R["reward"], R["invalid"]) if bad)
 
 
 def test_switch_penalty_tau_annealing_and_balance():
@@ -263,7 +377,7 @@ def test_nmi_against_hand_computed_values():
 
 def test_occupancy_and_conflict_are_each_task_types_gradient_of_each_expert():
     """expert_diagnostics against a naive loop: g_k,c summed step by step (each step's token-mean policy loss weighted
-    by its share of all response tokens), restricted to expert k's columns of A and rows of B. Occupancy sums to 1
+    by its share of all response tokens), restricted to expert k's A and B. Occupancy sums to 1
     over the task types of an expert, an expert no step was routed to is left out, conflict is the mean pairwise
     cosine."""
     agent = make_agent("--num_experts", "3")
@@ -274,16 +388,16 @@ def test_occupancy_and_conflict_are_each_task_types_gradient_of_each_expert():
     diag = pamoe.expert_diagnostics(agent, R, B)
     types, tokens = sorted(set(R["task_type"])), sum(R["resp_len"])
     assert "pick" in types and len(types) >= 3
-    params, r = [p for e in agent.experts for p in (e.A, e.B)], agent.args.rank
+    params = [p for e in agent.experts for p in (*e.A, *e.B)]
     g = {c: [torch.zeros_like(p) for p in params] for c in types}
     for i, c in enumerate(R["task_type"]):
         gates = pamoe.step_gates_for(agent, torch.tensor([i]), B["k"])
         loss, _, n_resp = pamoe.policy_loss(agent, R, B, torch.tensor([i]), gates)
         g[c] = [x + y for x, y in zip(g[c], torch.autograd.grad(n_resp / tokens * loss, params))]
 
-    def of_expert(grads, k):
-        return torch.cat([(x[:, k * r:(k + 1) * r] if j % 2 == 0 else x[k * r:(k + 1) * r]).flatten()
-                          for j, x in enumerate(grads)])
+    def of_expert(grads, k):  # expert k's A and B in every wrapped linear
+        mine = {id(p) for e in agent.experts for p in (e.A[k], e.B[k])}
+        return torch.cat([x.flatten() for x, p in zip(grads, params) if id(p) in mine])
     for k, letter in enumerate("AB"):
         norms = {c: float(of_expert(g[c], k).norm()) for c in types}
         for c in types:
@@ -453,37 +567,71 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("flags", [["--routing", "token"], ["--routing", "trajectory"], ["--routing", "dense"],
-                                   ["--balance", "sq"], ["--routing", "dense", "--dense_rank", "16"]])
-def test_every_routing_mode_trains_through_the_same_loop(tmp_path, flags):
+ROUTINGS = {"token": ["--routing", "token"], "trajectory": ["--routing", "trajectory"], "dense": ["--routing", "dense"],
+            "dense, rank 16": ["--routing", "dense", "--dense_rank", "16"]}
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_every_routing_mode_trains_through_the_same_loop_and_routes_as_its_flag_says(tmp_path, routing):
+    """One iteration and an evaluation per routing mode. token: the per-layer token routers train; trajectory: one
+    expert per episode and no switch term; dense: one expert of --dense_rank (else --rank) takes every step."""
     out = str(tmp_path / "run")
+    flags = ROUTINGS[routing]
     last = pamoe.main(SMALL + ["--iterations", "1", "--eval_every", "1", "--eval_episodes", "4", "--out_dir", out]
                       + flags)
     assert all(math.isfinite(v) for k, v in last.items() if k != "explained_variance")
-    assert 0 <= last["eval/success"] <= 1
-    if "trajectory" in flags or "dense" in flags:
-        assert last["switches"] == 0 and last["eval/switches"] == 0  # one expert per episode by construction
+    before = make_agent(*flags).trainable_state()  # the run's initialisation: Agent seeds from --seed
+    after = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["trainable"]
+    routers = [n for n in before if n.endswith(".router.weight")]
+    assert bool(routers) == (routing == "token")
+    assert all(not torch.equal(before[n], after[n]) for n in routers)
+    if routing == "trajectory":
+        assert last["switches"] == 0 and last["eval/switches"] == 0 and "switch_penalty" not in last
+    if routing.startswith("dense"):
+        experts = [n for n in after if ".A." in n or ".B." in n]
+        assert all(n.endswith((".A.0", ".B.0")) for n in experts)  # one expert
+        rank = 16 if "16" in routing else 4
+        assert all(after[n].shape[1 if ".A." in n else 0] == rank for n in experts)
+        assert last["expert_share/A"] == 1 and last["eval/expert_share/A"] == 1 and last["switches"] == 0
 
 
 def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
+    """A checkpoint restores every trained tensor into an agent whose parameters differ; resuming it gives the same
+    metrics, evaluations and trained tensors as the uninterrupted run; resuming an older checkpoint again drops the
+    logs of the iterations after it (one report per iteration in eval.log)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    flags = SMALL + ["--anneal_lr", "false"]  # (an annealed learning rate follows --iterations, which this test raises)
+    # (an annealed learning rate follows --iterations, which this test raises)
+    flags = SMALL + ["--anneal_lr", "false", "--eval_every", "1", "--eval_episodes", "4"]
     pamoe.main(flags + ["--iterations", "3", "--out_dir", full])
     pamoe.main(flags + ["--iterations", "2", "--out_dir", part])
     ckpt = os.path.join(part, "checkpoint.pt")
     state = torch.load(ckpt, weights_only=False)
     assert state["iteration"] == 2 and not os.path.exists(ckpt + ".tmp")
-    agent = make_agent(seed=123)  # different init, then loaded: every trainable tensor must match
+    shutil.copy(ckpt, tmp_path / "at2.pt")
+    agent = make_agent()
+    with torch.no_grad():
+        for p in agent.parameters():
+            if p.requires_grad:
+                p.add_(1.0)  # every trained tensor differs from the checkpoint's
     opt = torch.optim.AdamW(agent.param_groups())
     assert pamoe.load_checkpoint(ckpt, agent, opt, {"updates": 0}) == 2
+    assert agent.trainable_state().keys() == state["trainable"].keys()
     for name, value in agent.trainable_state().items():
         assert torch.equal(value, state["trainable"][name]), name
     pamoe.main(flags + ["--iterations", "3", "--out_dir", part, "--resume", ckpt])
-    a, b = read_metrics(full), read_metrics(part)
-    assert [m["iteration"] for m in b] == [1, 2, 3]
     drop = ("rollout_s", "prepare_s", "update_s", "iteration_s", "sps", "eval_s")
-    assert [{k: v for k, v in m.items() if k not in drop} for m in a] == \
-           [{k: v for k, v in m.items() if k not in drop} for m in b]
+
+    def logs(out):
+        metrics = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(out)]
+        trained = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["trainable"]
+        return metrics, open(os.path.join(out, "eval.log")).read(), trained
+    (m_full, log_full, t_full), (m_part, log_part, t_part) = logs(full), logs(part)
+    assert [m["iteration"] for m in m_part] == [0, 1, 2, 3] and m_part == m_full and log_part == log_full
+    assert all(torch.equal(t_full[n], t_part[n]) for n in t_full)
+    pamoe.main(flags + ["--iterations", "3", "--out_dir", part, "--resume", str(tmp_path / "at2.pt")])  # again
+    assert [m["iteration"] for m in read_metrics(part)] == [0, 1, 2, 3]
+    log = open(os.path.join(part, "eval.log")).read()
+    assert [int(i) for i in re.findall(r"^\[iteration (\d+)\]", log, re.M)] == [0, 1, 2, 3] and log == log_full
 
 
 def test_eval_only_repeats_the_checkpoints_evaluation_and_leaves_the_run_untouched(tmp_path, capsys):
@@ -565,6 +713,15 @@ def test_exported_experts_are_peft_lora_adapters_that_rebuild_each_experts_logit
         torch.save(state, tmp_path / "token.pt")
         with pytest.raises(SystemExit, match="token routing picks an expert per token and layer"):
             pamoe.main(["--resume", str(tmp_path / "token.pt"), "--export", folder])
+
+
+def test_export_works_up_to_the_largest_rank_the_flags_allow(tmp_path):
+    out, folder = str(tmp_path / "run"), str(tmp_path / "export")
+    pamoe.main(SMALL + ["--iterations", "1", "--routing", "dense", "--dense_rank", "16384", "--out_dir", out])
+    pamoe.main(["--resume", os.path.join(out, "checkpoint.pt"), "--export", folder])
+    config, lora = load_exported(folder, "A")
+    assert config["r"] == 16384 and all(A.shape[0] == 16384 for A, _ in lora.values())
+    assert "max_lora_rank stops at 512" in open(os.path.join(folder, "README.md")).read()
 
 
 def test_learning_rates_decay_linearly_over_the_iterations(tmp_path):
@@ -929,6 +1086,53 @@ def test_micro_batches_and_checkpointing_give_the_minibatch_gradient(routing):
     assert len(calls) == 2 * parts + (routing[-1] == "token")  # forward and replay of each part (+ token pre-pass)
 
 
+def test_the_update_gives_the_gradient_of_one_graph_written_from_the_equations():
+    """ppo_update's gradients (experts, phase router, critic) against one autograd graph written from the method's
+    equations: p_t = softmax(router / tau); straight-through gates onehot(k) + p - stopgrad(p) route the LM; the loss
+    is the token-mean clipped surrogate + kl_coef k3 - ent_coef entropy, + lambda_s mean over consecutive steps of one
+    episode of (1 - p_t . p_t+1) + lambda_b K sum_k f_k P_k - lambda_i I(k; previous verb) (entropies of mean router
+    probabilities) + vf_coef 0.5 mean (V - R)^2. The policy gradient must reach the router through the gates, the
+    switch term must pair each step with the next step of its own episode, the information term must be maximised."""
+    flags = ["--info_coef", "3", "--switch_coef", "2", "--kl_coef", "0.5", "--ent_coef", "0.1", "--vf_coef", "0.7"]
+    agent = make_agent(*NO_STEP, *flags)
+    randomize_experts(agent)  # else the experts' B = 0 and no policy gradient reaches the router
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False)
+    B = pamoe.prepare_batch(agent, R)
+    update = minibatch_grads(agent, R, B, 0)
+    agent.zero_grad(set_to_none=True)
+    a, K, N = agent.args, 4, len(R["seq"])
+    lanes, k = torch.tensor(R["lane"]), torch.tensor(R["k"])
+    windows = R["table"][torch.tensor(R["window"])]  # (N, L, 2d)
+    goal, goal_mask = R["goal_states"][lanes], R["goal_mask"][lanes]
+    p = F.softmax(agent.router(windows, goal, goal_mask) / a.tau_start, -1)  # (N, K)
+    step_of = {(n, t): i for i, (n, t) in enumerate(zip(R["lane"], R["t"]))}
+    pairs = [(i, step_of[n, t + 1]) for i, (n, t) in enumerate(zip(R["lane"], R["t"])) if (n, t + 1) in step_of]
+    switch = torch.stack([1 - (p[i] * p[j]).sum() for i, j in pairs]).mean()
+    balance = K * (torch.bincount(k, minlength=K) / N * p.mean(0)).sum()
+    verbs = sorted(set(R["last_verb"]))
+    group = torch.tensor([verbs.index(v) for v in R["last_verb"]])
+
+    def entropy(q):
+        return -(q * q.log()).sum(-1)
+    info = entropy(p.mean(0)) - sum((group == g).float().mean() * entropy(p[group == g].mean(0))
+                                    for g in range(len(verbs)))
+    gates = (F.one_hot(k, K) + p - p.detach())[:, None]  # (N, 1, K)
+    with agent.routing(gates):
+        logp, ent, mask = agent.response_logprobs(R["seq"], R["prompt_len"], R["resp_len"], a.temperature, gates)
+    old, ref = (torch.nn.utils.rnn.pad_sequence(B[key], batch_first=True) for key in ("old_logp", "ref_logp"))
+    ratio, adv = (logp - old).exp(), B["adv"][:, None]
+    surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip, 1 + a.clip))
+    kl = (ref - logp).exp() - (ref - logp) - 1
+    value = agent.critic(windows, goal, goal_mask)[:, 0]
+    loss = (surrogate[mask].mean() + a.kl_coef * kl[mask].mean() - a.ent_coef * ent[mask].mean()
+            + a.switch_coef * switch + a.balance_coef * balance - a.info_coef * info
+            + a.vf_coef * 0.5 * ((value - B["ret"]) ** 2).mean())
+    loss.backward()
+    graph = {n: p.grad for n, p in agent.named_parameters() if p.grad is not None}
+    assert_same_grads({n: update.get(n, torch.zeros_like(g)) for n, g in graph.items()}, graph)
+    assert all(graph[n].abs().max() == 0 for n in graph if n not in update)  # only unrouted experts were dropped
+
+
 def test_chunked_log_probs_and_entropy_equal_the_full_softmax_and_keep_nothing_vocabulary_sized():
     g = torch.Generator().manual_seed(0)
     N, d, V = 2 * pamoe.LOGIT_CHUNK + 17, 16, 300
@@ -1005,6 +1209,39 @@ def test_tagged_responses_stop_at_the_action_per_sequence(hf_model, monkeypatch)
     assert envs.response_length(ids[:5], agent.tok, "</action>") == 5
 
 
+QWEN_SAMPLING = {"do_sample": True, "repetition_penalty": 1.1, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
+
+
+def test_generate_samples_from_the_distribution_ppo_scores_whatever_the_models_generation_config(hf_model, tmp_path):
+    """A model folder whose generation_config.json carries Qwen2.5-Instruct's shipped sampling settings (repetition
+    penalty 1.1, top-k 20, top-p 0.8, temperature 0.7): pamoe.generate applies none of them, so the sampler's log-probs
+    (its processed scores) are the ones response_logprobs computes at the rollout's temperature."""
+    folder = str(tmp_path / "qwen-like")
+    shutil.copytree(hf_model, folder)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({**QWEN_SAMPLING, "eos_token_id": [1, 2], "pad_token_id": 0}, f)
+    agent = make_agent("--model", folder, "--action_format", "tagged", "--max_new_tokens", "16")
+    randomize_experts(agent)
+    generate, scores = agent.lm.generate, []
+
+    def generate_with_scores(**kw):
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1))  # (B, new tokens, V) after every logits processor
+        return out.sequences
+    agent.lm.generate = generate_with_scores
+    prompts = [f"<|im_start|>user\nTask {i}: {'go ' * i}<|im_end|>\n<|im_start|>assistant\n" for i in (1, 5, 9)]
+    gates = F.one_hot(torch.tensor([0, 2, 3]), 4).float()[:, None]
+    torch.manual_seed(0)
+    samples, _ = pamoe.generate(agent, prompts, gates, 1.3)
+    seqs, pl, rl = [torch.cat([p, r]) for p, r, _ in samples], [len(p) for p, _, _ in samples], [len(r) for _, r, _ in samples]
+    logp, _, mask = agent.response_logprobs(seqs, pl, rl, 1.3, gates)
+    sampled = F.log_softmax(scores[0].float(), -1)  # (3, new tokens, V)
+    for i, (_, resp, _) in enumerate(samples):
+        picked = sampled[i, torch.arange(len(resp)), resp]
+        torch.testing.assert_close(logp[i, :len(resp)], picked, atol=1e-4, rtol=0)
+    assert max(rl) > 1 and mask.sum() == sum(rl)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("env", ["toy", "alfworld"])
 def test_the_gpu_users_path_on_cpu(hf_model, mini, tmp_path, env, dtype):
@@ -1051,13 +1288,15 @@ def test_memory_model_counts_what_backward_keeps_and_checkpointing_cuts_it():
     import bench
     model = envs.build_tiny(envs.vocabulary(), 0)[0].eval().requires_grad_(False)
     routing = bench.attach(model, "phase", 4, 8)
-    plain = [bench.micro_batch_bytes(model, routing, 4, T, 16)[0] / T for T in (64, 128)]
+    plain = [bench.micro_batch_bytes(model, routing, 4, T, 16)[0] for T in (64, 128, 256)]
     pamoe.checkpoint_layers(model)
-    ckpt = bench.micro_batch_bytes(model, routing, 4, 128, 16)[0] / 128
+    ckpt = [bench.micro_batch_bytes(model, routing, 4, T, 16)[0] for T in (128, 256)]
+    per_token, ckpt_per_token = (plain[2] - plain[1]) / 128, (ckpt[1] - ckpt[0]) / 128
     layer_input = model.config.hidden_size * 4  # float32
-    assert plain[0] == pytest.approx(plain[1], rel=0.02) and layer_input * 2 <= ckpt < plain[1] / 4
-    rows = [dict(layers=n, T=512, grad_ckpt=c, body_per_token=(1e5 if not c else 3e3) * n + 6e3,
-                 head_per_response_token=3e3) for n in (2, 4) for c in (False, True)]
+    assert plain[1] - plain[0] == pytest.approx((plain[2] - plain[1]) / 2, rel=0.02)  # linear in the tokens
+    assert layer_input * 2 <= ckpt_per_token < per_token / 4
+    rows = [dict(layers=n, T=T, grad_ckpt=c, body_bytes=((1e5 if not c else 3e3) * n + 6e3) * T + 2e6 * n,
+                 head_per_response_token=3e3) for n in (2, 4) for c in (False, True) for T in (512, 1024)]
     opts = argparse.Namespace(prompt=2048, new=512, num_envs=32, experts=4, rank=32)
     sizes = dict(layer=46_797_824, experts_per_layer=1_310_720, embedding=233_373_184, router_and_critic=30_000_000,
                  logits_chunk_saved=300_000_000)
