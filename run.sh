@@ -31,6 +31,7 @@ else
     python3 -m venv .venv
     "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt
     cp requirements.txt "$stamp"
+    echo "run.sh: installed into .venv; for README's python and torchrun commands: source .venv/bin/activate" >&2
   fi
 fi
 
