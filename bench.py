@@ -828,8 +828,7 @@ def main(argv=None):
     parser.add_argument("--routings", default="", help="comma list of dense, 'dense r=<K*r>', trajectory, token, "
                         "phase (default: all)")
     parser.add_argument("--seeds", default="1,2,3,4,5,6,7,8", help="comma list of seeds")
-    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (the demo runs 60; 40 runs "
-                        "of 40 fit an hour on 2 cores)")
+    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (the demo runs 60)")
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")
     parser.add_argument("--out_dir", default="runs/ablation", help="one folder per run + ablation.md")
     opts, passthrough = parser.parse_known_args(rest)

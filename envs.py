@@ -16,6 +16,7 @@ Command line:
     python envs.py make-alfworld-mini DIR    the offline mini ALFWorld game set (then --alfworld_data DIR)
 """
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -30,7 +31,7 @@ import sys
 # phases: find the object (search the storage places), take it, transform it at an appliance (clean / heat /
 # cool), carry it to the target place, place it. The task mix is skewed towards plain pick-and-place so that
 # simplicity bias can show. Commands follow ALFWorld 0.4.2 syntax. Sized so that a randomly initialised 2-layer
-# model can learn every task type in minutes on a CPU (README, "The CPU demo"): two storage places, three
+# model can learn every task type on a CPU within the demo's budget (README, "The CPU demo"): two storage places, three
 # appliances, and every observation while carrying ends with what is carried (ALFWorld's `inventory` answer), so
 # that the current observation tells the state without the history. One departure from ALFWorld: putting the
 # object at the target before it is transformed fails the task (the episode ends, lost); ALFWorld would let the agent
@@ -584,16 +585,31 @@ def parse_action(text, admissible):
     return (cmd, True) if cmd in listed else (None, False)
 
 
-def fit_prompt(tok, args, info, obs, history, t):
-    """The model's prompt of step t (in the tokenizer's chat template, if it has one) within --max_prompt_tokens: the
-    oldest history goes first; if even the prompt without history is too long, the tokenizer cuts its left end."""
-    for keep in range(min(args.history, len(history)), -1, -1):
-        text = build_prompt(info["goal"], obs, history[-keep:] if keep else [], info["admissible"], t, args.max_steps,
-                            args.action_format)
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a step's prompt is written: past steps shown, the step limit stated, the answer format,
+    and the token limit the prompt must fit."""
+
+    history: int = 0
+    max_steps: int = 15
+    action_format: str = "label"
+    max_prompt_tokens: int = 2048
+
+
+def fit_prompt(tok, prompt_format, info, obs, history, t):
+    """The model's prompt of step t (in the tokenizer's chat template, if it has one) within
+    prompt_format.max_prompt_tokens: the oldest history goes first; if even the prompt without
+    history is too long, the tokenizer cuts its left end."""
+    f = prompt_format
+    for keep in range(min(f.history, len(history)), -1, -1):
+        past = history[-keep:] if keep else []
+        text = build_prompt(
+            info["goal"], obs, past, info["admissible"], t, f.max_steps, f.action_format
+        )
         if tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-        if keep == 0 or len(tok(text, add_special_tokens=False).input_ids) <= args.max_prompt_tokens:
+            messages = [{"role": "user", "content": text}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if keep == 0 or len(tok(text, add_special_tokens=False).input_ids) <= f.max_prompt_tokens:
             return text
 
 
@@ -657,60 +673,87 @@ def saved_tiny_tokenizer(folder):
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def pretrain_tiny(model, tok, args, batch=32):
-    """Stand-in for pretraining, `tiny` only: --tiny_steps supervised steps on the base before it is frozen, on the
-    prompts of toy episodes played by a noisy solver (each step the scripted solver's command with probability
-    q = --tiny_prior, else a uniformly drawn admissible one). Loss: next-token prediction on the prompt (the text a
-    pretrained model has read) + cross-entropy of the answer label to that same mixture, (1 - q) uniform + q one-hot
-    (solver): the answer format and a weak prior of every task type, as an instruction-tuned LLM brings one (q = 0:
-    the format only, no skill)."""
+def pretrain_tiny(model, tok, env, seed, steps, prior, prompt_format, alfworld_data=None, batch=32):
+    """Stand-in for pretraining, `tiny` only: `steps` supervised steps on the base before it is
+    frozen, on the prompts of toy episodes played by a noisy solver (each step the scripted
+    solver's command with probability q = prior, else a uniformly drawn admissible one). Loss:
+    next-token prediction on the prompt (the text a pretrained model has read) + cross-entropy of
+    the answer label to that same mixture, (1 - q) uniform + q one-hot (solver): the answer format
+    and a weak prior of every task type, as an instruction-tuned LLM brings one (q = 0: the format
+    only, no skill)."""
     import torch
     import torch.nn.functional as F
-    if args.tiny_steps == 0:
+
+    if steps == 0:
         return
-    rng, q = random.Random(args.seed), args.tiny_prior if args.env == "toy" else 0.0
-    env_batch = make_env_batch(args.env, batch, args.max_steps, "train", args.alfworld_data)
-    with contextlib.closing(env_batch):
-        prompts, n_labels, solver = [], [], []
-        for ep in range(4):
-            # negative seeds: toy episodes training never sees (alfworld: training games; no solver, q = 0)
-            obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])
-            history, live = [[] for _ in range(batch)], [True] * batch
-            for t in range(args.max_steps):
-                actions = [None] * batch
-                for n, (obs, info) in enumerate(obs_info):
-                    if live[n]:
-                        listed = listed_actions(info["admissible"])
-                        best = env_batch.solve(n) if q else listed[0]
-                        past = history[n][-args.history:] if args.history else []
-                        prompts.append(build_prompt(info["goal"], obs, past, info["admissible"], t, args.max_steps,
-                                                    args.action_format))
-                        n_labels.append(len(listed))
-                        solver.append(listed.index(best))
-                        actions[n] = best if rng.random() < q else rng.choice(listed)
-                        history[n].append((obs, actions[n]))
-                for n, res in enumerate(env_batch.step(actions)):
-                    if res is not None:
-                        obs_info[n], live[n] = (res[0], res[4]), not (res[2] or res[3])
-    label_ids = torch.tensor([tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))])
+    rng = random.Random(seed)
+    q = prior if env == "toy" else 0.0  # alfworld: no solver
+    prompts, n_labels, solver = noisy_solver_prompts(env, q, rng, prompt_format, alfworld_data, batch)
+    label_ids = [tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))]
+    label_ids = torch.tensor(label_ids)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(args.tiny_steps):
+    for _ in range(steps):
         idx = [rng.randrange(len(prompts)) for _ in range(batch)]
-        enc = tok([prompts[i] for i in idx], padding=True, padding_side="right", return_tensors="pt",
-                  add_special_tokens=False)
-        logits = model.get_output_embeddings()(model.base_model(**enc).last_hidden_state).float()  # (B, T, V)
-        last = logits[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, V) after the prompt's last token
+        enc = tok(
+            [prompts[i] for i in idx],
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+        hidden = model.base_model(**enc).last_hidden_state
+        logits = model.get_output_embeddings()(hidden).float()  # (B, T, V)
+        last = logits[torch.arange(batch), enc.attention_mask.sum(1) - 1]  # (B, V) after the prompt
         logp = F.log_softmax(last, -1)[:, label_ids]  # (B, n)
         n = torch.tensor([n_labels[i] for i in idx])[:, None]
-        target = (torch.arange(len(label_ids))[None] < n) * (1 - q) / n  # (B, n): (1 - q) uniform + q solver
+        # (B, n): the mixture (1 - q) uniform + q solver
+        target = (torch.arange(len(label_ids))[None] < n) * (1 - q) / n
         target[torch.arange(batch), [solver[i] for i in idx]] += q
         loss = -(target * logp).sum(1).mean()  # cross-entropy to the mixture
-        # next-token prediction on the prompt text itself: what pretraining would have given the base
+        # next-token prediction on the prompt text itself: what pretraining gives the base
         nxt = torch.where(enc.attention_mask[:, 1:].bool(), enc.input_ids[:, 1:], -100)
         loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), nxt.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def noisy_solver_prompts(env, q, rng, prompt_format, alfworld_data, batch):
+    """The prompts of 4 x batch episodes played by the noisy solver (the solver's command with
+    probability q, else a random admissible one), each with its number of listed actions and the
+    solver's label (alfworld: no solver, the first action stands in)."""
+    f = prompt_format
+    env_batch = make_env_batch(env, batch, f.max_steps, "train", alfworld_data)
+    prompts, n_labels, solver = [], [], []
+    with contextlib.closing(env_batch):
+        for ep in range(4):
+            # negative seeds: toy episodes training never sees (alfworld: training games)
+            obs_info = env_batch.reset([-(ep * batch + i) - 1 for i in range(batch)])
+            history = [[] for _ in range(batch)]
+            live = [True] * batch
+            for t in range(f.max_steps):
+                actions = [None] * batch
+                for n, (obs, info) in enumerate(obs_info):
+                    if not live[n]:
+                        continue
+                    listed = listed_actions(info["admissible"])
+                    best = env_batch.solve(n) if q else listed[0]
+                    past = history[n][-f.history :] if f.history else []
+                    prompts.append(
+                        build_prompt(
+                            info["goal"], obs, past, info["admissible"], t, f.max_steps,
+                            f.action_format,
+                        )
+                    )
+                    n_labels.append(len(listed))
+                    solver.append(listed.index(best))
+                    actions[n] = best if rng.random() < q else rng.choice(listed)
+                    history[n].append((obs, actions[n]))
+                for n, result in enumerate(env_batch.step(actions)):
+                    if result is not None:
+                        obs_info[n] = (result[0], result[4])
+                        live[n] = not (result[2] or result[3])
+    return prompts, n_labels, solver
 
 
 # What ALFWorld's engine says, for the `tiny` model's word-level vocabulary (words outside it read as <unk>)

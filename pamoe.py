@@ -1,29 +1,39 @@
 """PA-MoE: Phase-Aware Mixture of Experts for agentic RL, in one file (arXiv 2602.17038).
 
-A frozen causal LM carries K LoRA experts. A lightweight phase router picks ONE expert per environment step from
-frozen-base features of the observation, the goal and the last few steps; every token of that step's response comes
-from that expert, and PPO with a turn-level critic trains experts, router and critic together. A soft temporal-
-consistency penalty keeps the router from switching without reason, so that experts can specialise on behavioural
-phases (find, take, transform, carry, place) instead of on the frequent, easy tasks.
+A frozen causal LM carries K LoRA experts. A lightweight phase router picks ONE expert per
+environment step from frozen-base features of the observation, the goal and the last few steps;
+every token of that step's response comes from that expert, and PPO with a turn-level critic trains
+experts, router and critic together. A soft temporal-consistency penalty keeps the router from
+switching without reason, so that experts can specialise on behavioural phases (find, take,
+transform, carry, place) instead of on the frequent, easy tasks.
 
 Run:
-    bash run.sh                          # CPU: toy env + `tiny` (3-4 min on 2 cores); CUDA: ALFWorld + Qwen2.5-1.5B
-    python pamoe.py --routing token      # ablations: phase (default) | token | trajectory | dense
-    python pamoe.py --resume runs/pamoe/checkpoint.pt --eval_only --show 2   # or --export DIR (PEFT adapters)
-    torchrun --nproc_per_node 8 pamoe.py ...                                   # data parallel
-    python pamoe.py --help               # every flag
+    bash run.sh                      # CPU: toy env + `tiny`; CUDA: ALFWorld + Qwen2.5-1.5B
+    python pamoe.py --routing token  # ablations: phase (default) | token | trajectory | dense
+    python pamoe.py --resume runs/pamoe/checkpoint.pt --eval_only --show 2  # or --export DIR
+    torchrun --nproc_per_node 8 pamoe.py ...  # data parallel
+    python pamoe.py --help           # every flag
+
+The file runs in the method's order: the arguments; the method (model and LoRA experts, router,
+the pure algorithm functions, rollout, update, training loop); the plumbing (data parallel,
+checkpoints); using a trained agent (metrics, evaluation, --show, --export); main.
 
 Departures from the paper, one line each (FINDINGS.md has the evidence):
-- PPO with a turn-level critic and GAE (the brief), not GiGPO; the critic has its own copy of the router's encoder.
+- PPO with a turn-level critic and GAE (the brief), not GiGPO; the critic has its own encoder.
 - The router learns straight-through (gates = onehot + p - stopgrad(p)); the paper does not say how.
-- Behaviour information: the router also maximises lambda_i I(k; verb of the previous action) (not in the paper).
-- Load balance: Switch Transformer's K sum_k f_k P_k, lambda_b 0.01 (paper: sum_k (P_k - 1/K)^2; --balance sq).
-- Router input [observation ; goal context ; LSTM state]; the LSTM reads [observation ; previous action] features.
-- Token routing (LoRA-MoE baseline) trains its per-layer routers through the gate value; no diversity term.
-- ALFWorld: one alfworld 0.4.2 worker process per environment; 32 environments on one GPU; HF generate, not vLLM.
-- CPU demo only: action numbers as answers; `tiny` warmed up on noisy-solver episodes (a weak prior); router and
-  critic LSTM 64 x 1 (paper 256 x 3); lr 1e-3, clip 0.3, entropy 0.01, linearly annealed learning rates.
+- Behaviour information: the router also maximises lambda_i I(k; verb of the previous action).
+- Load balance: Switch Transformer's K sum_k f_k P_k, lambda_b 0.01 (paper: sum_k (P_k - 1/K)^2).
+- Router input [observation ; goal context ; LSTM state]; the LSTM reads [observation ; previous
+  action] features.
+- Token routing (the LoRA-MoE baseline) trains its per-layer routers through the gate value.
+- No diversity term.
+- ALFWorld: one alfworld 0.4.2 worker process per environment; 32 environments on one GPU; HF
+  generate, not vLLM.
+- CPU demo only: action numbers as answers; `tiny` warmed up on noisy-solver episodes (a weak
+  prior); router and critic LSTM 64 x 1 (paper 256 x 3); lr 1e-3, clip 0.3, entropy 0.01,
+  learning rates annealed linearly.
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -48,53 +58,91 @@ from transformers import GenerationConfig
 
 import envs
 
+# ==================================================================================================
+# Arguments
+# ==================================================================================================
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+
+def arg(default, help_text):
+    return field(default=default, metadata={"help": help_text})
 
 
-def need(ok, msg):
-    """A bad input stops the run at once with one line that names the flag, the value and the fix."""
+def need(ok, message):
+    """A bad input stops the run at once: one line that names the flag, the value and the fix."""
     if not ok:
-        raise SystemExit(f"pamoe.py: error: {msg}")
+        raise SystemExit(f"pamoe.py: error: {message}")
 
 
 @dataclass
 class Args:
     # run
     env: str = arg("toy", "environment: toy | alfworld")
-    alfworld_data: str = arg("", "alfworld: games folder (default $ALFWORLD_DATA): official, or envs.py's mini set")
-    eval_split: str = arg("eval_in_distribution", "alfworld: eval_in_distribution (seen) | eval_out_of_distribution")
-    model: str = arg("tiny", "`tiny` (built from a config, no download) or a Hugging Face name / local path")
+    alfworld_data: str = arg(
+        "", "alfworld: games folder (default $ALFWORLD_DATA): official, or envs.py's mini set"
+    )
+    eval_split: str = arg(
+        "eval_in_distribution",
+        "alfworld: eval_in_distribution (seen) | eval_out_of_distribution",
+    )
+    model: str = arg(
+        "tiny", "`tiny` (built from a config, no download), a Hugging Face name or path"
+    )
     device: str = arg("auto", "auto | cpu | cuda")
-    dtype: str = arg("auto", "weights of the frozen base: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+    dtype: str = arg(
+        "auto",
+        "weights of the frozen base: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16",
+    )
     seed: int = arg(1, "seeds the model build, the env episodes and every sampler")
-    out_dir: str = arg("runs/pamoe", "where metrics.jsonl, eval.log, checkpoint.pt (and eval.json) go")
-    resume: str = arg("", "a checkpoint: continue it to --iterations, or use it with --eval_only / --export")
-    eval_only: bool = arg(False, "evaluate --resume into <out_dir>/eval.json, train nothing (other flags: trained)")
+    out_dir: str = arg(
+        "runs/pamoe", "where metrics.jsonl, eval.log, checkpoint.pt (and eval.json) go"
+    )
+    resume: str = arg(
+        "", "a checkpoint: continue it to --iterations, or use it with --eval_only / --export"
+    )
+    eval_only: bool = arg(
+        False, "evaluate --resume into <out_dir>/eval.json, train nothing (other flags: trained)"
+    )
     show: int = arg(0, "with --eval_only: print this many whole evaluation episodes, step by step")
-    export: str = arg("", "write --resume's experts as PEFT LoRA adapters (and its router) to this folder")
+    export: str = arg("", "write --resume's experts as PEFT LoRA adapters (and its router) here")
     iterations: int = arg(60, "training iterations (one rollout + one PPO update each)")
     num_envs: int = arg(32, "environments stepped in lockstep per iteration (one episode each)")
-    max_steps: int = arg(15, "step limit per episode (truncation, bootstrapped; paper, ALFWorld: 50)")
-    history: int = arg(0, "past observation/action pairs shown in the prompt (paper: 2; the toy needs none)")
-    max_prompt_tokens: int = arg(2048, "prompt limit: the oldest history is dropped to fit, then the left is cut")
-    action_format: str = arg("label", "label (number of an admissible action) | tagged (<think>/<action>)")
+    max_steps: int = arg(
+        15, "step limit per episode (truncation, bootstrapped; paper, ALFWorld: 50)"
+    )
+    history: int = arg(0, "past observation/action pairs in the prompt (paper: 2; the toy: none)")
+    max_prompt_tokens: int = arg(
+        2048, "prompt limit: the oldest history is dropped to fit, then the left is cut"
+    )
+    action_format: str = arg(
+        "label", "label (number of an admissible action) | tagged (<think>/<action>)"
+    )
     max_new_tokens: int = arg(1, "response length limit per step (512 for the tagged format)")
-    tiny_steps: int = arg(400, "`tiny` only: supervised warm-up steps of the base before it is frozen")
-    tiny_prior: float = arg(0.15, "`tiny`: the toy solver's share of the warm-up's answers (0, and on ALFWorld: none)")
-    temperature: float = arg(1.0, "rollout sampling temperature (also the temperature of PPO log-probs)")
+    tiny_steps: int = arg(
+        400, "`tiny` only: supervised warm-up steps of the base before it is frozen"
+    )
+    tiny_prior: float = arg(
+        0.15, "`tiny`: the toy solver's share of the warm-up's answers (0, and on ALFWorld: none)"
+    )
+    temperature: float = arg(1.0, "rollout sampling temperature (also the one of PPO log-probs)")
     eval_temperature: float = arg(0.4, "evaluation sampling temperature")
-    eval_every: int = arg(10, "evaluate every N iterations, before the first and after the last; 0 = never")
+    eval_every: int = arg(
+        10, "evaluate every N iterations, before the first and after the last; 0 = never"
+    )
     eval_episodes: int = arg(128, "evaluation episodes, on a fixed set of seeds")
     ckpt_every: int = arg(10, "checkpoint every N iterations (and after the last)")
     # experts
-    routing: str = arg("phase", "phase | token | trajectory | dense (the paper's granularity ablation)")
+    routing: str = arg(
+        "phase", "phase | token | trajectory | dense (the paper's granularity ablation)"
+    )
     num_experts: int = arg(4, "K: LoRA experts")
     rank: int = arg(32, "r: LoRA rank of each expert")
     alpha: float = arg(64.0, "LoRA alpha; the update is scaled by alpha / r")
-    dense_rank: int = arg(0, "rank of the single expert with --routing dense (0 = --rank; K*rank matches size)")
-    targets: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated names of the linear layers given experts")
+    dense_rank: int = arg(
+        0, "rank of the single expert with --routing dense (0 = --rank; K*rank matches size)"
+    )
+    targets: str = arg(
+        "q_proj,k_proj,v_proj,o_proj", "comma-separated names of the linear layers given experts"
+    )
     # router
     router_window: int = arg(5, "L: past steps read by the router's recurrent encoder")
     router_hidden: int = arg(64, "LSTM units of the router and critic encoders (paper: 256)")
@@ -104,8 +152,12 @@ class Args:
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly")
     switch_coef: float = arg(0.05, "lambda_s: temporal-consistency (soft switch) penalty")
     balance: str = arg("switch", "load balance loss: switch (Switch Transformer) | sq (paper)")
-    balance_coef: float = arg(0.01, "lambda_b: weight of the balance loss (switch: the usual 1e-2; paper's sq: 1e-3)")
-    info_coef: float = arg(10.0, "lambda_i: weight of I(expert; previous action's verb), maximised (0: paper)")
+    balance_coef: float = arg(
+        0.01, "lambda_b: weight of the balance loss (switch: the usual 1e-2; paper's sq: 1e-3)"
+    )
+    info_coef: float = arg(
+        10.0, "lambda_i: weight of I(expert; previous action's verb), maximised (0: paper)"
+    )
     # PPO
     gamma: float = arg(0.95, "discount per environment step")
     gae_lambda: float = arg(0.95, "GAE lambda")
@@ -114,96 +166,211 @@ class Args:
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(1, "PPO epochs over each rollout")
-    minibatch: int = arg(32, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)")
-    micro_batch: int = arg(0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch")
-    grad_ckpt: bool = arg(False, "activation checkpointing of the base's decoder layers: less memory, one more forward")
+    minibatch: int = arg(
+        32, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)"
+    )
+    micro_batch: int = arg(
+        0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch"
+    )
+    grad_ckpt: bool = arg(
+        False,
+        "activation checkpointing of the base's decoder layers: less memory, one more forward",
+    )
     max_grad_norm: float = arg(1.0, "gradient clip, per parameter group")
     lr_experts: float = arg(1e-3, "learning rate of the LoRA experts (paper, 1.5B: 1e-6)")
     lr_router: float = arg(1e-4, "learning rate of the router (paper: 1e-4)")
     lr_critic: float = arg(1e-3, "learning rate of the critic")
-    anneal_lr: bool = arg(True, "learning rates decay linearly to 0 over --iterations (cleanrl; paper: constant)")
+    anneal_lr: bool = arg(
+        True, "learning rates decay linearly to 0 over --iterations (cleanrl; paper: constant)"
+    )
     weight_decay: float = arg(0.01, "AdamW weight decay")
 
     def validate(self, games=True):
-        """Every flag by its meaning, before any model loads. games=False: a run that plays no game (bench.py
-        preflight) needs no ALFWorld data, unless `tiny` warms up on its episodes."""
+        """Every flag by its meaning, before any model loads. games=False: a run that plays no game
+        (bench.py preflight) needs no ALFWorld data, unless `tiny` warms up on its episodes."""
         for name, valid in CHOICES.items():
-            need(getattr(self, name) in valid, f"unknown --{name} {getattr(self, name)!r}; use {' | '.join(valid)}")
+            value = getattr(self, name)
+            need(value in valid, f"unknown --{name} {value!r}; use {' | '.join(valid)}")
         for name, interval in RANGES.items():
-            need(within(getattr(self, name), interval),
-                 f"--{name} {getattr(self, name)} is out of range; use a value in {interval}")
+            value = getattr(self, name)
+            need(
+                within(value, interval),
+                f"--{name} {value} is out of range; use a value in {interval}",
+            )
         if self.env == "alfworld":
-            need(importlib.util.find_spec("alfworld") is not None,
-                 "--env alfworld needs the alfworld package: pip install alfworld==0.4.2 (bash run.sh installs it)")
+            need(
+                importlib.util.find_spec("alfworld") is not None,
+                "--env alfworld needs the alfworld package: pip install alfworld==0.4.2 "
+                "(bash run.sh installs it)",
+            )
             self.alfworld_data = self.alfworld_data or os.environ.get("ALFWORLD_DATA", "")
             error = envs.alfworld_data_error(self.alfworld_data, ("train", self.eval_split))
-            need(error is None or not (games or self.model == "tiny"),
-                 f"--alfworld_data {self.alfworld_data!r}: {error}")
-        # combinations that cannot work, sizes that exhaust memory, paths that cannot be read or written
-        n = max(self.num_envs, self.eval_episodes)  # episodes of one rollout: all their steps stay in memory
-        need(n * self.max_steps <= 100_000, f"--num_envs/--eval_episodes {n} x --max_steps {self.max_steps} steps per "
-             f"rollout would exhaust memory; keep the product <= 100000")
-        need(self.eval_episodes or not self.eval_every, f"--eval_episodes 0 with --eval_every {self.eval_every} "
-             f"evaluates nothing; set --eval_episodes >= 1 or --eval_every 0")
-        world = rank_world()[1]  # torchrun's processes share the environments and the evaluation episodes
-        need(min(self.num_envs, self.eval_episodes if self.eval_every else world) >= world, f"--num_envs "
-             f"{self.num_envs} and --eval_episodes {self.eval_episodes}: too few for {world} processes; use >= {world}")
-        need(self.action_format == "label" or self.max_new_tokens >= 16, f"--max_new_tokens {self.max_new_tokens} "
-             f"cannot hold a tagged answer (<think></think><action>1</action>: ~15 tokens); use >= 16 (paper: 512)")
-        need(all(t.isidentifier() for t in self.targets.split(",")),
-             f"--targets {self.targets!r}: give module names separated by commas only, e.g. q_proj,v_proj")
-        need(not (self.model.startswith(("/", ".")) or os.path.exists(self.model)) or os.path.isdir(self.model),
-             f"--model {self.model}: no such folder; give a model folder, a Hugging Face name or tiny")
-        for flag, folder in [("out_dir", self.out_dir)] + ([("export", self.export)] if self.export else []):
-            with contextlib.suppress(OSError):  # created now: one that cannot be (read-only, under /proc) stops here
+            need(
+                error is None or not (games or self.model == "tiny"),
+                f"--alfworld_data {self.alfworld_data!r}: {error}",
+            )
+        # combinations that cannot work, sizes that exhaust memory, paths that cannot be used
+        n = max(self.num_envs, self.eval_episodes)  # a rollout's steps all stay in memory
+        need(
+            n * self.max_steps <= 100_000,
+            f"--num_envs/--eval_episodes {n} x --max_steps {self.max_steps} steps per rollout "
+            f"would exhaust memory; keep the product <= 100000",
+        )
+        need(
+            self.eval_episodes or not self.eval_every,
+            f"--eval_episodes 0 with --eval_every {self.eval_every} evaluates nothing; "
+            f"set --eval_episodes >= 1 or --eval_every 0",
+        )
+        world = rank_world()[
+            1
+        ]  # torchrun's processes share the environments and evaluation episodes
+        evaluated = self.eval_episodes if self.eval_every else world
+        need(
+            min(self.num_envs, evaluated) >= world,
+            f"--num_envs {self.num_envs} and --eval_episodes {self.eval_episodes}: too few for "
+            f"{world} processes; use >= {world}",
+        )
+        need(
+            self.action_format == "label" or self.max_new_tokens >= 16,
+            f"--max_new_tokens {self.max_new_tokens} cannot hold a tagged answer "
+            f"(<think></think><action>1</action>: ~15 tokens); use >= 16 (paper: 512)",
+        )
+        need(
+            all(t.isidentifier() for t in self.targets.split(",")),
+            f"--targets {self.targets!r}: give module names separated by commas only, "
+            f"e.g. q_proj,v_proj",
+        )
+        a_path = self.model.startswith(("/", ".")) or os.path.exists(self.model)
+        need(
+            not a_path or os.path.isdir(self.model),
+            f"--model {self.model}: no such folder; give a model folder, a Hugging Face name "
+            f"or tiny",
+        )
+        folders = [("out_dir", self.out_dir)]
+        if self.export:
+            folders.append(("export", self.export))
+        for flag, folder in folders:
+            with contextlib.suppress(OSError):  # one that cannot be created stops below
                 os.makedirs(folder, exist_ok=True)
-            need(os.path.isdir(folder) and os.access(folder, os.W_OK), f"--{flag} {folder!r}: not a folder that can be "
-                 f"created and written; choose another one")
-        need(not self.show or self.eval_only, f"--show {self.show} prints episodes of an evaluation: add --eval_only "
-             f"--resume <checkpoint>")
-        need(not (self.eval_only and self.eval_episodes == 0), "--eval_only with --eval_episodes 0 evaluates nothing; "
-             "set --eval_episodes >= 1")
-        need(not self.export or self.routing != "token", "--export: token routing picks an expert per token and layer, "
-             "which no per-request adapter can serve; export a phase, trajectory or dense run")
-        need(not self.resume or os.path.isfile(self.resume),
-             f"--resume {self.resume}: no such file; point it at a checkpoint.pt or drop the flag")
-        need(self.device != "cuda" or torch.cuda.is_available(),
-             "--device cuda but no CUDA device is visible; use --device cpu (or auto)")
+            need(
+                os.path.isdir(folder) and os.access(folder, os.W_OK),
+                f"--{flag} {folder!r}: not a folder that can be created and written; "
+                f"choose another one",
+            )
+        need(
+            not self.show or self.eval_only,
+            f"--show {self.show} prints episodes of an evaluation: add --eval_only "
+            f"--resume <checkpoint>",
+        )
+        need(
+            not (self.eval_only and self.eval_episodes == 0),
+            "--eval_only with --eval_episodes 0 evaluates nothing; set --eval_episodes >= 1",
+        )
+        need(
+            not self.export or not self.token_routed,
+            "--export: token routing picks an expert per token and layer, which no per-request "
+            "adapter can serve; export a phase, trajectory or dense run",
+        )
+        need(
+            not self.resume or os.path.isfile(self.resume),
+            f"--resume {self.resume}: no such file; point it at a checkpoint.pt or drop the flag",
+        )
+        need(
+            self.device != "cuda" or torch.cuda.is_available(),
+            "--device cuda but no CUDA device is visible; use --device cpu (or auto)",
+        )
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         return self
 
+    # The routing mode, decided once: what every other part asks of it.
     @property
     def experts(self):
         """(K, rank) as built: dense routing is one expert."""
-        return (1, self.dense_rank or self.rank) if self.routing == "dense" else (self.num_experts, self.rank)
+        if self.routing == "dense":
+            return 1, self.dense_rank or self.rank
+        return self.num_experts, self.rank
+
+    @property
+    def token_routed(self):
+        """Each token picks its expert in every wrapped layer (LoRA-MoE), not one per step."""
+        return self.routing == "token"
+
+    @property
+    def step_router(self):
+        """A learnt router picks each step's expert (phase, trajectory); dense always takes A."""
+        return self.routing in ("phase", "trajectory")
+
+    @property
+    def routes_every_step(self):
+        """The router decides at every step (phase), not once per episode (trajectory)."""
+        return self.routing == "phase"
 
 
-# Valid values of every numeric flag: "[" and "]" include the bound, "(" and ")" exclude it, so nan and inf never
-# pass. Sizes are bounded generously, far above what fits one GPU; --num_experts by the letters A..P of the tables.
+# Valid values of every numeric flag: "[" and "]" include the bound, "(" and ")" exclude it, so
+# nan and inf never pass. Sizes are bounded generously, far above what fits one GPU;
+# --num_experts by the letters A..P of the tables.
 RANGES = {
-    "seed": "[0, 4294967295]", "iterations": "[0, inf)", "num_envs": "[1, 4096]", "max_steps": "[1, 1000]",
-    "history": "[0, 1000]", "max_prompt_tokens": "[64, 131072]", "max_new_tokens": "[1, 8192]",
-    "tiny_steps": "[0, 100000]", "tiny_prior": "[0, 1]", "temperature": "(0, inf)", "eval_temperature": "(0, inf)",
-    "eval_every": "[0, inf)", "eval_episodes": "[0, 4096]", "show": "[0, 4096]", "ckpt_every": "[1, inf)",
-    "num_experts": "[1, 16]", "rank": "[1, 1024]", "alpha": "(0, inf)", "dense_rank": "[0, 16384]",
-    "router_window": "[1, 1000]", "router_hidden": "[1, 4096]", "router_layers": "[1, 16]", "tau_start": "(0, inf)",
-    "tau_end": "(0, inf)", "tau_steps": "[1, inf)", "switch_coef": "[0, inf)", "balance_coef": "[0, inf)",
-    "info_coef": "[0, inf)", "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "clip": "(0, 1)", "kl_coef": "[0, inf)",
-    "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "epochs": "[1, 100]", "minibatch": "[1, 4096]",
-    "max_grad_norm": "(0, inf)", "lr_experts": "[0, 1]", "lr_router": "[0, 1]", "lr_critic": "[0, 1]",
-    "weight_decay": "[0, 1]", "micro_batch": "[0, 4096]"}
-CHOICES = {"env": envs.ENVS, "eval_split": ("eval_in_distribution", "eval_out_of_distribution"),
-           "device": ("auto", "cpu", "cuda"), "action_format": tuple(envs.ANSWER), "routing": ("phase", "token",
-           "trajectory", "dense"), "balance": ("switch", "sq"), "dtype": ("auto", "float32", "bfloat16")}
-
-
+    "seed": "[0, 4294967295]",
+    "iterations": "[0, inf)",
+    "num_envs": "[1, 4096]",
+    "max_steps": "[1, 1000]",
+    "history": "[0, 1000]",
+    "max_prompt_tokens": "[64, 131072]",
+    "max_new_tokens": "[1, 8192]",
+    "tiny_steps": "[0, 100000]",
+    "tiny_prior": "[0, 1]",
+    "temperature": "(0, inf)",
+    "eval_temperature": "(0, inf)",
+    "eval_every": "[0, inf)",
+    "eval_episodes": "[0, 4096]",
+    "show": "[0, 4096]",
+    "ckpt_every": "[1, inf)",
+    "num_experts": "[1, 16]",
+    "rank": "[1, 1024]",
+    "alpha": "(0, inf)",
+    "dense_rank": "[0, 16384]",
+    "router_window": "[1, 1000]",
+    "router_hidden": "[1, 4096]",
+    "router_layers": "[1, 16]",
+    "tau_start": "(0, inf)",
+    "tau_end": "(0, inf)",
+    "tau_steps": "[1, inf)",
+    "switch_coef": "[0, inf)",
+    "balance_coef": "[0, inf)",
+    "info_coef": "[0, inf)",
+    "gamma": "[0, 1]",
+    "gae_lambda": "[0, 1]",
+    "clip": "(0, 1)",
+    "kl_coef": "[0, inf)",
+    "ent_coef": "[0, inf)",
+    "vf_coef": "[0, inf)",
+    "epochs": "[1, 100]",
+    "minibatch": "[1, 4096]",
+    "max_grad_norm": "(0, inf)",
+    "lr_experts": "[0, 1]",
+    "lr_router": "[0, 1]",
+    "lr_critic": "[0, 1]",
+    "weight_decay": "[0, 1]",
+    "micro_batch": "[0, 4096]",
+}
+CHOICES = {
+    "env": envs.ENVS,
+    "eval_split": ("eval_in_distribution", "eval_out_of_distribution"),
+    "device": ("auto", "cpu", "cuda"),
+    "action_format": tuple(envs.ANSWER),
+    "routing": ("phase", "token", "trajectory", "dense"),
+    "balance": ("switch", "sq"),
+    "dtype": ("auto", "float32", "bfloat16"),
+}
 LETTERS = "ABCDEFGHIJKLMNOP"  # expert names in tables, metrics and exports
 
 
 def within(x, interval):
     lo, hi = map(float, interval[1:-1].split(","))
-    return (lo <= x if interval[0] == "[" else lo < x) and (x <= hi if interval[-1] == "]" else x < hi)
+    above = lo <= x if interval[0] == "[" else lo < x
+    below = x <= hi if interval[-1] == "]" else x < hi
+    return above and below
 
 
 def boolean(text):
@@ -212,106 +379,134 @@ def boolean(text):
     return text.lower() in ("true", "1", "on")
 
 
-# where and how to evaluate or export a checkpoint: with --eval_only or --export every other flag is the checkpoint's
-USE_FLAGS = ("resume", "eval_only", "show", "export", "eval_split", "eval_episodes", "eval_temperature", "out_dir",
-             "device", "dtype", "alfworld_data")
+# Where and how to evaluate or export a checkpoint: with --eval_only or --export every other flag
+# is the checkpoint's.
+USE_FLAGS = (
+    "resume eval_only show export eval_split eval_episodes eval_temperature out_dir device dtype "
+    "alfworld_data"
+).split()
 
 
 def parse_args(argv=None, games=True):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS
+    )
     for f in dataclasses.fields(Args):
         kind = boolean if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, help=f"{f.metadata['help']} (default: {f.default!r})",
-                            **({"nargs": "?", "const": True} if kind is boolean else {}))  # --flag alone: true
-    given = vars(parser.parse_args(argv))  # only the flags on the command line; Args fills in the defaults
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if kind is boolean:  # --flag alone: true
+            parser.add_argument(f"--{f.name}", type=kind, help=help_text, nargs="?", const=True)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, help=help_text)
+    # only the flags on the command line; Args fills in the defaults
+    given = vars(parser.parse_args(argv))
     if given.get("eval_only") or given.get("export"):
         given = trained_flags(given)
     return Args(**given).validate(games)
 
 
 def trained_flags(given):
-    """--eval_only / --export: the flags the checkpoint was trained with, but for USE_FLAGS given on the command line
-    (--out_dir: the checkpoint's folder unless given; --device: auto unless given). A given flag that contradicts the
-    checkpoint stops the run: the agent is what it was trained as."""
-    need(given.get("resume"), "--eval_only and --export use a trained agent: add --resume <out_dir>/checkpoint.pt")
-    trained, names = read_checkpoint(given["resume"])["args"], {f.name for f in dataclasses.fields(Args)}
-    trained = {k: v for k, v in trained.items() if k in names}  # a flag of another version of pamoe.py: dropped
-    differ = [f"--{k} {v} (trained: {trained.get(k)})" for k, v in given.items()
-              if k not in USE_FLAGS and trained.get(k) != v]
-    need(not differ, f"--resume {given['resume']} was trained with other flags: {', '.join(differ)}; drop them "
-         f"(--eval_only and --export take the checkpoint's)")
-    return {**trained, "device": "auto", "out_dir": os.path.dirname(given["resume"]) or ".",
-            **{k: v for k, v in given.items() if k in USE_FLAGS}}
+    """--eval_only / --export: the flags the checkpoint was trained with, but for USE_FLAGS given on
+    the command line (--out_dir: the checkpoint's folder unless given; --device: auto unless
+    given). A given flag that contradicts the checkpoint stops the run: the agent is what it was
+    trained as."""
+    need(
+        given.get("resume"),
+        "--eval_only and --export use a trained agent: add --resume <out_dir>/checkpoint.pt",
+    )
+    trained = read_checkpoint(given["resume"])["args"]
+    names = {f.name for f in dataclasses.fields(Args)}
+    trained = {k: v for k, v in trained.items() if k in names}  # drop another version's flags
+    differ = [
+        f"--{k} {v} (trained: {trained.get(k)})"
+        for k, v in given.items()
+        if k not in USE_FLAGS and trained.get(k) != v
+    ]
+    need(
+        not differ,
+        f"--resume {given['resume']} was trained with other flags: {', '.join(differ)}; "
+        f"drop them (--eval_only and --export take the checkpoint's)",
+    )
+    where = {"device": "auto", "out_dir": os.path.dirname(given["resume"]) or "."}
+    use = {k: v for k, v in given.items() if k in USE_FLAGS}
+    return {**trained, **where, **use}
 
 
-# --- Data parallel (torchrun): each rank steps its share of the lanes; a few collectives, identities in one process
-def rank_world():
-    """This process's rank and the number of processes, as torchrun sets them; (0, 1) without torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+# ==================================================================================================
+# The method
+# ==================================================================================================
 
 
-def my_lanes(n):
-    """This rank's contiguous share of n lanes (environments or evaluation episodes), as global lane numbers."""
-    r, w = rank_world()
-    return range(r * n // w, (r + 1) * n // w)
-
-
-def all_sum(x):
-    """A tensor or a number summed over all ranks; x itself in one process."""
-    if not dist.is_initialized():
-        return x
-    t = x.detach().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
-    dist.all_reduce(t)
-    return t if torch.is_tensor(x) else t.item()
-
-
-def summed(x):
-    """x summed over all ranks, with the gradient of this rank's x only: each rank back-propagates its share."""
-    return all_sum(x.detach()) + (x - x.detach())
-
-
-def all_choices(k, K):
-    """Experts chosen (n,) on this rank -> those of all ranks, sorted (what counting them needs)."""
-    return torch.arange(K, device=k.device).repeat_interleave(all_sum(torch.bincount(k, minlength=K)))
-
-
-def all_gather(obj):
-    """Every rank's obj (any picklable value), in rank order; [obj] in one process."""
-    out = [obj] * rank_world()[1]
-    if dist.is_initialized():
-        dist.all_gather_object(out, obj)
-    return out
-
-
-# --- Model: a frozen causal LM with K LoRA experts on the target linears ----------------------------------------------
+# --- Model: a frozen causal LM with K LoRA experts on the target linears --------------------------
 def load_model(args, device):
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (  # of the frozen base; trained parts: float32
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    """The frozen base and its tokenizer: `tiny` built and warmed up here, anything else loaded."""
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)  # of the frozen base; trained parts stay float32
+    elif device.type == "cuda":
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
     if args.model == "tiny":
         model, tok = envs.build_tiny(envs.vocabulary(args.env), args.seed)
-        envs.pretrain_tiny(model, tok, args)
+        envs.pretrain_tiny(
+            model,
+            tok,
+            env=args.env,
+            seed=args.seed,
+            steps=args.tiny_steps,
+            prior=args.tiny_prior,
+            prompt_format=prompt_format(args),
+            alfworld_data=args.alfworld_data,
+        )
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        try:  # no such folder or name, no network for a hub name, no weights, not a causal LM, no tokenizer
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-            tok = envs.saved_tiny_tokenizer(args.model) or AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"pamoe.py: error: --model {args.model}: cannot load it as a causal LM with its "
-                             f"tokenizer ({str(e).splitlines()[0]}); give a Hugging Face causal LM name (online, "
-                             f"or cached with HF_HUB_OFFLINE=1), a folder that holds one, or tiny") from e
-    need(tok.pad_token or tok.eos_token, f"--model {args.model}: its tokenizer has neither a pad nor an eos token; "
-         f"add one (tokenizer.add_special_tokens) and pass the saved folder as --model")
+        model, tok = load_pretrained(args.model, dtype)
+    need(
+        tok.pad_token or tok.eos_token,
+        f"--model {args.model}: its tokenizer has neither a pad nor an eos token; add one "
+        f"(tokenizer.add_special_tokens) and pass the saved folder as --model",
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.truncation_side = "left"  # an over-long prompt loses its start, never the admissible actions and question
-    # Sample what PPO scores: generate fills every setting it is not given from the model's own generation config
-    # (Qwen2.5-Instruct ships repetition_penalty 1.1, top_k 20, top_p 0.8), which response_logprobs never applies.
-    # Only the special tokens are kept; `generate` states every sampling setting.
-    model.generation_config = GenerationConfig(bos_token_id=model.generation_config.bos_token_id,
-                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok.truncation_side = "left"  # an over-long prompt loses its start, never its actions
+    # Sample what PPO scores: generate fills every setting it is not given from the model's own
+    # generation config (Qwen2.5-Instruct ships repetition_penalty 1.1, top_k 20, top_p 0.8),
+    # which response_logprobs never applies. Only the special tokens are kept; `generate`
+    # states every sampling setting.
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.generation_config.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model.requires_grad_(False)  # base weights frozen
     model.eval()  # dropout off, for rollouts and PPO alike
     return model.to(device=device, dtype=dtype), tok
+
+
+def load_pretrained(name, dtype):
+    """A Hugging Face causal LM and its tokenizer; what cannot load stops with the fix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:  # no such folder or name, no network, no weights, not a causal LM, no tokenizer
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = envs.saved_tiny_tokenizer(name) or AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first_line = str(e).splitlines()[0]
+        raise SystemExit(
+            f"pamoe.py: error: --model {name}: cannot load it as a causal LM with its tokenizer "
+            f"({first_line}); give a Hugging Face causal LM name (online, or cached with "
+            f"HF_HUB_OFFLINE=1), a folder that holds one, or tiny"
+        ) from e
+    return model, tok
+
+
+def prompt_format(args):
+    """How a step's prompt is written (envs.fit_prompt)."""
+    return envs.PromptFormat(
+        history=args.history,
+        max_steps=args.max_steps,
+        action_format=args.action_format,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
 
 
 class Routing:
@@ -320,14 +515,18 @@ class Routing:
     def __init__(self):
         self.on = False  # False: adapters off (frozen features, the reference policy)
         self.gates = None  # (B, 1, K) step gates for phase / trajectory / dense routing
-        self.token_probs = []  # token routing: per-layer (B, T, K) router probabilities of the last pass
+        self.token_probs = []  # token routing: per-layer (B, T, K) router probabilities
         self.token_choices = []  # and the chosen experts (B, T)
 
     @contextlib.contextmanager
     def __call__(self, gates=None):
-        """`with routing(gates):` runs the experts with step gates (or token routers when gates is None); it nests."""
+        """`with routing(gates):` runs the experts with step gates (or, with gates None, the token
+        routers); it nests."""
         outer = self.on, self.gates
-        self.on, self.gates, self.token_probs, self.token_choices = True, gates, [], []
+        self.on = True
+        self.gates = gates
+        self.token_probs = []
+        self.token_choices = []
         try:
             yield self
         finally:
@@ -335,22 +534,34 @@ class Routing:
 
 
 class LoRAExperts(nn.Module):
-    """A frozen nn.Linear plus K LoRA experts, stacked so that one pass serves a batch where every sequence
-    (or token) has its own expert:  y = W x + (alpha/r) * ((x A_cat) * m) B_cat,  A_cat = [A_1 .. A_K] (in, K*r),
-    B_cat = [B_1; ..; B_K] (K*r, out), m the gates of each expert repeated r times. Each expert's A_k (in, r) and
-    B_k (r, out) is a parameter of its own, as K separate adapters are: an optimiser step skips the experts whose
-    gradient optimizer_step drops (those no step routed to, `chosen`), so they keep their weights and AdamW state."""
+    """A frozen nn.Linear plus K LoRA experts, stacked so that one pass serves a batch where every
+    sequence (or token) has its own expert:
+
+        y = W x + (alpha/r) * ((x A_cat) * m) B_cat
+
+    A_cat = [A_1 .. A_K] (in, K*r), B_cat = [B_1; ..; B_K] (K*r, out), m the gates of each expert
+    repeated r times. Each expert's A_k (in, r) and B_k (r, out) is a parameter of its own, as K
+    separate adapters are: an optimiser step skips the experts that no step routed to (`chosen`,
+    read by drop_unrouted_gradients), so they keep their weights and AdamW state."""
 
     def __init__(self, base, num_experts, rank, alpha, routing, token_routing):
         super().__init__()
-        self.base, self.routing, self.K, self.r, self.scale = base, routing, num_experts, rank, alpha / rank
+        self.base = base
+        self.routing = routing
+        self.K = num_experts
+        self.r = rank
+        self.scale = alpha / rank
         A = torch.empty(num_experts, rank, base.in_features)
-        for a in A:  # each expert initialised like nn.Linear (kaiming-uniform); B zero so experts start as no-ops
+        for a in A:  # each expert initialised like nn.Linear; B zero: experts start as no-ops
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.A = nn.ParameterList(nn.Parameter(a.T.contiguous()) for a in A)  # K x (in, r)
-        self.B = nn.ParameterList(nn.Parameter(torch.zeros(rank, base.out_features)) for _ in range(num_experts))
-        self.router = nn.Linear(base.in_features, num_experts, bias=False) if token_routing else None
-        # experts routed to by a forward pass with gradient since the last optimiser step (on this rank)
+        self.B = nn.ParameterList(
+            nn.Parameter(torch.zeros(rank, base.out_features)) for _ in range(num_experts)
+        )  # K x (r, out)
+        self.router = None
+        if token_routing:
+            self.router = nn.Linear(base.in_features, num_experts, bias=False)
+        # the experts a forward pass with gradient routed to, since the minibatch began
         self.register_buffer("chosen", torch.zeros(num_experts, dtype=torch.bool), persistent=False)
 
     def forward(self, x):
@@ -358,55 +569,82 @@ class LoRAExperts(nn.Module):
         if not self.routing.on:
             return y
         gates = self.routing.gates  # (B, 1, K)
-        if self.router is not None:  # token routing: each token picks its expert in this layer, top-1 x gate
+        if self.router is not None:  # token routing: each token picks its expert, top-1 x gate
             probs = F.softmax(self.router(x.float()), dim=-1)  # (B, T, K)
-            choice = probs.argmax(-1)
+            choice = probs.argmax(-1)  # (B, T)
             gates = F.one_hot(choice, self.K) * probs
             self.routing.token_probs.append(probs)
             self.routing.token_choices.append(choice)
         if torch.is_grad_enabled():
             self.chosen |= gates.detach().flatten(0, -2).ne(0).any(0)  # (K,)
         h = x.float() @ torch.cat(list(self.A), dim=1)  # (B, T, K*r): all experts at once
-        # Per-phase masked backprop: columns of unrouted experts are multiplied by 0 here, so their A and B
-        # receive exactly zero gradient; only tokens routed to expert k train expert k.
-        h = h * (self.scale * gates).repeat_interleave(self.r, dim=-1)  # (B, T, K*r); alpha/r folded in
+        # Per-phase masked backprop: the columns of unrouted experts are multiplied by 0 here, so
+        # their A and B get exactly zero gradient; only tokens routed to expert k train it.
+        m = (self.scale * gates).repeat_interleave(self.r, dim=-1)  # (B, 1 or T, K*r); alpha/r
+        h = h * m
         return y + (h @ torch.cat(list(self.B))).to(y.dtype)
 
 
 def attach_experts(model, args):
-    """Wrap every target linear in LoRAExperts; returns the shared Routing and the expert modules."""
-    routing, names = Routing(), set(args.targets.split(","))
+    """Wrap every target linear in LoRAExperts; returns the shared Routing and the experts."""
+    routing = Routing()
+    names = set(args.targets.split(","))
     K, r = args.experts
     wrapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in names and isinstance(child, nn.Linear):
-                wrapped.append(LoRAExperts(child, K, r, args.alpha, routing, args.routing == "token"))
-                setattr(parent, name, wrapped[-1].to(child.weight.device))
-    need(wrapped, f"--targets {args.targets}: no nn.Linear of these names in {args.model}; name its linear layers")
+                experts = LoRAExperts(child, K, r, args.alpha, routing, args.token_routed)
+                wrapped.append(experts)
+                setattr(parent, name, experts.to(child.weight.device))
+    need(
+        wrapped,
+        f"--targets {args.targets}: no nn.Linear of these names in {args.model}; "
+        f"name its linear layers",
+    )
     return routing, nn.ModuleList(wrapped)
 
 
 def checkpoint_layers(model):
-    """--grad_ckpt: each decoder layer keeps only its input for backward and runs again there (non-reentrant torch
-    checkpointing: gradients reach the experts in the frozen layers, in eval mode too). The replay reads the routing
-    of its moment, so backward must run inside the `with routing(gates)` of its forward pass (ppo_update's does)."""
-    need(isinstance(getattr(model.base_model, "layers", None), nn.ModuleList),
-         f"--grad_ckpt: {type(model).__name__} has no decoder layers at base_model.layers; drop --grad_ckpt")
+    """--grad_ckpt: each decoder layer keeps only its input for backward and runs again there
+    (non-reentrant torch checkpointing: gradients reach the experts in the frozen layers, in eval
+    mode too). The replay reads the routing of its moment, so backward must run inside the
+    `with routing(gates)` of its forward pass (ppo_update's does)."""
+    layers = getattr(model.base_model, "layers", None)
+    need(
+        isinstance(layers, nn.ModuleList),
+        f"--grad_ckpt: {type(model).__name__} has no decoder layers at base_model.layers; "
+        f"drop --grad_ckpt",
+    )
 
-    def wrap(forward):  # checkpointed where autograd records; plain in no-grad passes such as generation
-        return lambda *args, **kwargs: checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
-                                                  **kwargs) if torch.is_grad_enabled() else forward(*args, **kwargs)
-    for layer in model.base_model.layers:
+    def wrap(forward):  # checkpointed where autograd records; plain in no-grad passes
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(
+                forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs
+            )
+
+        return checkpointed
+
+    for layer in layers:
         layer.forward = wrap(layer.forward)
 
 
 @torch.no_grad()
 def encode_texts(model, tok, texts, device):
-    """Frozen step features: final hidden states of the base model with adapters off, layer-normalised.
-    Returns token states (B, T, d) and their mask (B, T)."""
-    batch = tok(texts, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False).to(device)
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    """Frozen step features: final hidden states of the base model with adapters off,
+    layer-normalised. Returns token states (B, T, d) and their mask (B, T)."""
+    batch = tok(
+        texts,
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+        add_special_tokens=False,
+    ).to(device)
+    hidden = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state
     return F.layer_norm(hidden.float(), hidden.shape[-1:]), batch.attention_mask.bool()
 
 
@@ -414,25 +652,30 @@ def mean_pool(states, mask):
     return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-# --- Phase router and critic: one step encoder class, separate parameters -------------------------------------------
+# --- Phase router and critic: one step encoder class, separate parameters -------------------------
 class StepHead(nn.Module):
     """Frozen step features -> out_dim outputs (router logits, or a value).
-    window (B, L, 2d): [observation ; previous action] features of the last L steps, zeros before the episode;
-    goal (B, G, d) token states of the goal text with mask (B, G)."""
+    window (B, L, 2d): [observation ; previous action] features of the last L steps, zeros before
+    the episode; goal (B, G, d) token states of the goal text with mask (B, G)."""
 
     def __init__(self, d, out_dim, hidden, layers, heads=4):
         super().__init__()
         self.d = d
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.lstm = nn.LSTM(2 * d, hidden, layers, batch_first=True)
-        self.head = nn.Sequential(nn.Linear(2 * d + hidden, 512), nn.LayerNorm(512), nn.ReLU(),
-                                  nn.Linear(512, out_dim))
+        self.head = nn.Sequential(
+            nn.Linear(2 * d + hidden, 512),
+            nn.LayerNorm(512),
+            nn.ReLU(),
+            nn.Linear(512, out_dim),
+        )
 
     def forward(self, window, goal, goal_mask):
-        obs = window[:, -1, :self.d]  # (B, d) current observation
-        ctx, _ = self.attn(obs[:, None], goal, goal, key_padding_mask=~goal_mask)  # (B, 1, d): obs attends goal
+        obs = window[:, -1, : self.d]  # (B, d) the current observation
+        # the observation attends the goal's tokens: (B, 1, d)
+        context, _ = self.attn(obs[:, None], goal, goal, key_padding_mask=~goal_mask)
         _, (h, _) = self.lstm(window)  # h: (layers, B, hidden)
-        return self.head(torch.cat([obs, ctx[:, 0], h[-1]], dim=-1))
+        return self.head(torch.cat([obs, context[:, 0], h[-1]], dim=-1))
 
 
 def router_probs(router, window, goal, goal_mask, tau):
@@ -441,32 +684,34 @@ def router_probs(router, window, goal, goal_mask, tau):
 
 
 def step_gates(probs, k):
-    """Hard top-1 gates (B, 1, K) for chosen experts k (B,), straight-through: the forward value is the one-hot
-    choice, the backward pass flows through p (onehot + p - stopgrad(p))."""
+    """Hard top-1 gates (B, 1, K) for chosen experts k (B,), straight-through: the forward value is
+    the one-hot choice, the backward pass flows through p (onehot + p - stopgrad(p))."""
     onehot = F.one_hot(k, probs.shape[-1]).to(probs.dtype)
     return (onehot + (probs - probs.detach()))[:, None]  # value exactly one-hot
 
 
-# --- Pure algorithm functions -----------------------------------------------------------------------------------------
+# --- Pure algorithm functions ---------------------------------------------------------------------
 def tau_at(update, tau_start, tau_end, tau_steps):
-    """Router temperature annealed linearly from tau_start to tau_end over tau_steps router updates."""
+    """Router temperature annealed linearly from tau_start to tau_end over tau_steps updates."""
     return tau_start + (tau_end - tau_start) * min(update / tau_steps, 1.0)
 
 
 def gae(rewards, values, next_values, terminated, dones, gamma, lam):
-    """Generalised advantage estimation over environment steps (turn level). All inputs (N, T) float tensors:
-    next_values[t] is V(s_{t+1}), for a truncated last step V of the final observation; terminated[t] = 1 stops
-    bootstrapping; dones[t] = 1 (terminated or truncated, or padding) stops the recursion.
+    """Generalised advantage estimation over environment steps (turn level). All inputs are
+    (episodes, steps) float tensors: next_values[t] is V(s_{t+1}), for a truncated last step V of
+    the final observation; terminated[t] = 1 stops bootstrapping; dones[t] = 1 (terminated or
+    truncated, or padding) stops the recursion.
         delta_t = r_t + gamma (1 - term_t) V(s_{t+1}) - V(s_t)
         A_t = delta_t + gamma lam (1 - done_t) A_{t+1}
-    Returns advantages and returns (A + V), both (N, T)."""
-    adv = torch.zeros_like(rewards)
+    Returns advantages and returns (A + V)."""
+    advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * (1 - terminated[:, t]) * next_values[:, t] - values[:, t]
+        bootstrap = gamma * (1 - terminated[:, t]) * next_values[:, t]
+        delta = rewards[:, t] + bootstrap - values[:, t]
         last = delta + gamma * lam * (1 - dones[:, t]) * last
-        adv[:, t] = last
-    return adv, adv + values
+        advantages[:, t] = last
+    return advantages, advantages + values
 
 
 def masked_mean(x, mask):
@@ -477,15 +722,16 @@ def masked_mean(x, mask):
 
 def whiten(x, mask):
     """(x - mean) / std, both over the entries in mask of all ranks."""
-    n = all_sum(mask.sum())
-    mean = all_sum(torch.where(mask, x, 0).sum()) / n
-    std = (all_sum(torch.where(mask, (x - mean) ** 2, 0).sum()) / n).sqrt()
+    n = global_sum(mask.sum())
+    mean = global_sum(torch.where(mask, x, 0).sum()) / n
+    std = (global_sum(torch.where(mask, (x - mean) ** 2, 0).sum()) / n).sqrt()
     return torch.where(mask, (x - mean) / (std + 1e-8), 0)
 
 
 def ppo_policy_loss(logp, old_logp, adv, mask, clip):
-    """Clipped surrogate, token-mean over the response tokens in `mask`. logp, old_logp, adv, mask: (B, R).
-    Returns loss, clip fraction, approx KL (old || new)."""
+    """Clipped surrogate, token-mean over the response tokens in `mask`:
+        L = mean_t max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps)),  r_t = pi / pi_old
+    logp, old_logp, adv, mask: (B, T). Returns L, the clip fraction, approx KL(old || new)."""
     log_ratio = torch.where(mask, logp - old_logp, 0)
     ratio = log_ratio.exp()
     surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
@@ -494,427 +740,575 @@ def ppo_policy_loss(logp, old_logp, adv, mask, clip):
 
 
 def kl_k3(logp, ref_logp, mask):
-    """KL(pi || pi_ref) per token with the k3 estimator exp(r) - r - 1, r = log pi_ref - log pi; token-mean."""
+    """KL(pi || pi_ref) per token with the k3 estimator exp(r) - r - 1, r = log pi_ref - log pi;
+    token-mean."""
     r = torch.where(mask, ref_logp - logp, 0)
     return masked_mean(r.exp() - r - 1, mask)
 
 
 def switch_penalty(p, p_next, valid):
-    """Soft temporal consistency: mean over consecutive steps (t, t+1) of one episode of 1 - sum_k p_t,k p_t+1,k.
-    p, p_next: (B, K); valid: (B,) true where step t+1 exists. 0 for constant one-hot routing."""
+    """Soft temporal consistency: mean over consecutive steps (t, t+1) of one episode of
+    1 - sum_k p_t,k p_t+1,k. p, p_next: (B, K); valid: (B,) true where step t+1 exists.
+    0 for constant one-hot routing."""
     if not valid.any():
         return p.sum() * 0
     return masked_mean(1 - (p * p_next).sum(-1), valid)
 
 
 def balance_loss(p, k, mode):
-    """Load balance of routing decisions: router probabilities p (N, K), chosen experts k (N,); P_k = mean_n p_n,k.
-    switch: K sum_k f_k P_k, f_k the hard share of decisions routed to k, no gradient (Switch Transformer,
-            Fedus et al. 2021; GShard, Mixtral); 1 at uniform load, K when one expert takes everything;
+    """Load balance of routing decisions: router probabilities p (N, K), chosen experts k (N,);
+    P_k = mean_n p_n,k.
+    switch: K sum_k f_k P_k, f_k the hard share of decisions routed to k, no gradient (Switch
+            Transformer, Fedus et al. 2021; GShard, Mixtral); 1 at uniform load, K when one
+            expert takes everything;
     sq:     sum_k (P_k - 1/K)^2 (the paper's form)."""
-    K, P = p.shape[-1], p.mean(0)
+    K = p.shape[-1]
+    P = p.mean(0)
     if mode == "sq":
         return ((P - 1 / K) ** 2).sum()
-    return K * (torch.bincount(k, minlength=K).to(p.dtype) / len(k) * P).sum()
+    f = torch.bincount(k, minlength=K).to(p.dtype) / len(k)
+    return K * (f * P).sum()
 
 
 def group_logratio(p, groups):
-    """log(P_g / P) (N, K) for each item: P_g the mean router probabilities of the items of its group (groups (N,)
-    integer ids), P the mean over all items. sum_k p_k log(P_g,k / P_k), averaged over items, is the mutual
-    information I(k; g) of the soft expert choice and the group; held fixed, these log-ratios give the surrogate
-    mean_n sum_k p_n,k log(P_g(n),k / P_k) whose gradient is exactly that of I (I's terms through P_g and P cancel:
+    """log(P_g / P) (N, K) for each item: P_g the mean router probabilities of the items of its
+    group (groups (N,) integer ids), P the mean over all items. sum_k p_k log(P_g,k / P_k),
+    averaged over items, is the mutual information I(k; g) of the soft expert choice and the group;
+    held fixed, these log-ratios give the surrogate mean_n sum_k p_n,k log(P_g(n),k / P_k) whose
+    gradient is exactly that of I (I's terms through P_g and P cancel:
     dI/dp_n,k = (log P_g(n),k + 1 - log P_k - 1) / N)."""
-    P_g = torch.zeros(int(groups.max()) + 1, p.shape[1], dtype=p.dtype, device=p.device).index_add_(0, groups, p)
+    G = int(groups.max()) + 1
+    P_g = torch.zeros(G, p.shape[1], dtype=p.dtype, device=p.device).index_add_(0, groups, p)
     P_g = P_g / torch.bincount(groups).clamp(min=1)[:, None]  # (G, K)
     return P_g[groups].clamp(min=1e-12).log() - p.mean(0).clamp(min=1e-12).log()  # (N, K)
 
 
 def balance_share(p, P, k, mode, n):
-    """One part's share of balance_loss over a batch of n decisions cut into parts (gradient accumulation): p (n_i, K)
-    the part's probabilities; P (K,) and k (n,) the whole batch's mean probabilities and choices. balance_loss sees
-    the probabilities only through P = mean p, so the parts' gradients sum to the batch loss's gradient exactly."""
+    """One part's share of balance_loss over a batch of n decisions cut into parts (gradient
+    accumulation): p (n_i, K) the part's probabilities; P (K,) and k (n,) the whole batch's mean
+    probabilities and choices. balance_loss sees the probabilities only through P = mean p, so the
+    parts' gradients sum to the batch loss's gradient exactly."""
     P = P.detach().requires_grad_()
-    dP, = torch.autograd.grad(balance_loss(P[None], k, mode), P)  # (K,) at the whole batch's P
+    (dP,) = torch.autograd.grad(balance_loss(P[None], k, mode), P)  # (K,) at the whole batch's P
     return (dP * p.sum(0)).sum() / n
 
 
-def nmi(a, b):
-    """Normalised mutual information I(a; b) / mean(H(a), H(b)) of two labelings of the same items (lists of
-    hashables): 1 for a one-to-one map, 0 for independent labelings or when either is constant."""
-    n, pa, pb, pab = len(a), Counter(a), Counter(b), Counter(zip(a, b))
-    mi = sum(c / n * math.log(c * n / (pa[x] * pb[y])) for (x, y), c in pab.items())
-    h = [-sum(c / n * math.log(c / n) for c in cnt.values()) for cnt in (pa, pb)]
-    return 0.0 if min(h) <= 0 else max(0.0, mi) / (sum(h) / 2)
-
-
-LOGIT_CHUNK = 256  # response tokens whose float32 (chunk, V) logits exist at once: 0.16 GB per copy at V = 152k
+# response tokens whose float32 (chunk, V) logits exist at once: 0.16 GB per copy at V = 152k
+LOGIT_CHUNK = 256
 
 
 def token_logp_entropy(hidden, head, targets, temperature):
-    """log pi(y) and the entropy of pi = softmax(head(h) / temperature) (2, N), for rows h of hidden (N, d) and targets
-    y (N,). In chunks of LOGIT_CHUNK rows, each checkpointed: its float32 (chunk, V) logits exist while it is computed
-    and again in its backward, never for all N rows; nothing of size V is kept in between."""
+    """log pi(y) and the entropy of pi = softmax(head(h) / temperature) (2, N), for rows h of hidden
+    (N, d) and targets y (N,). In chunks of LOGIT_CHUNK rows, each checkpointed: its float32
+    (chunk, V) logits exist while it is computed and again in its backward, never for all N rows;
+    nothing of size V is kept in between."""
+
     def chunk(h, y):
         logp_all = F.log_softmax(head(h).float() / temperature, dim=-1)  # (chunk, V)
-        return torch.stack([logp_all.gather(-1, y[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)])
-    return torch.cat([checkpoint(chunk, h, y, use_reentrant=False)
-                      for h, y in zip(hidden.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK))], dim=1)
+        logp = logp_all.gather(-1, y[:, None])[:, 0]
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return torch.stack([logp, entropy])
+
+    parts = zip(hidden.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK))
+    return torch.cat([checkpoint(chunk, h, y, use_reentrant=False) for h, y in parts], dim=1)
 
 
-# --- The agent: frozen LM + experts + router + critic -----------------------------------------------------------------
+# --- The agent: frozen LM + experts + router + critic ---------------------------------------------
 class Agent(nn.Module):
     def __init__(self, args, device):
         super().__init__()
-        self.args, self.device = args, device
+        self.args = args
+        self.device = device
         self.lm, self.tok = load_model(args, device)
-        torch.manual_seed(args.seed)  # experts, router and critic start alike, whether the base was built or loaded
+        self.prompt_format = prompt_format(args)
+        torch.manual_seed(args.seed)  # experts, router and critic start alike, built or loaded
         self.routing, self.experts = attach_experts(self.lm, args)
         if args.grad_ckpt:
             checkpoint_layers(self.lm)
         d, K = self.lm.config.hidden_size, args.experts[0]
-        step_routed = args.routing in ("phase", "trajectory")
-        self.router = StepHead(d, K, args.router_hidden, args.router_layers).to(device) if step_routed else None
-        self.critic = StepHead(d, 1, args.router_hidden, args.router_layers).to(device)
+        hidden, layers = args.router_hidden, args.router_layers
+        self.router = None
+        if args.step_router:
+            self.router = StepHead(d, K, hidden, layers).to(device)
+        self.critic = StepHead(d, 1, hidden, layers).to(device)
 
     def param_groups(self):
         a = self.args
-        groups = [("experts", list(self.experts.parameters()), a.lr_experts),
-                  ("router", list(self.router.parameters()) if self.router else [], a.lr_router),
-                  ("critic", list(self.critic.parameters()), a.lr_critic)]
+        groups = [
+            ("experts", list(self.experts.parameters()), a.lr_experts),
+            ("router", list(self.router.parameters()) if self.router else [], a.lr_router),
+            ("critic", list(self.critic.parameters()), a.lr_critic),
+        ]
         return [{"name": n, "params": p, "lr": lr} for n, p, lr in groups if p]
 
     def trainable_state(self):
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
     def response_logprobs(self, seqs, prompt_lens, resp_lens, temperature, gates, experts_on=True):
-        """Log-probs (B, R) and entropies (B, R) of each response token at the sampling temperature, from one
-        plain forward over prompt + response (right-padded), and the mask (B, R) of real response tokens.
-        gates (B, 1, K), or None for token routing."""
-        R = max(resp_lens)
-        ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.tok.pad_token_id).to(self.device)
-        attn = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs],
-                                         batch_first=True).to(self.device)
-        pl = torch.tensor(prompt_lens, device=self.device)
-        j = torch.arange(R, device=self.device)
-        mask = j[None] < torch.tensor(resp_lens, device=self.device)[:, None]  # (B, R)
-        with self.routing(gates) if experts_on else contextlib.nullcontext():
-            hidden = self.lm.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        # the n real response tokens: the sequence b of each and the position pos that predicts it, (n,) each
-        b, pos = mask.nonzero(as_tuple=True)[0], (pl[:, None] + j[None] - 1)[mask]
-        logp_entropy = token_logp_entropy(hidden[b, pos], self.lm.get_output_embeddings(), ids[b, pos + 1], temperature)
-        return (*(torch.zeros(mask.shape, device=self.device).masked_scatter(mask, x) for x in logp_entropy), mask)
+        """Log-probs (B, T) and entropies (B, T) of each response token at the sampling temperature,
+        from one plain forward over prompt + response (right-padded), and the mask (B, T) of real
+        response tokens. gates (B, 1, K), or None for token routing."""
+        pad_id = self.tok.pad_token_id
+        ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id)
+        ids = ids.to(self.device)
+        ones = [torch.ones(len(s), dtype=torch.long) for s in seqs]
+        attention = nn.utils.rnn.pad_sequence(ones, batch_first=True).to(self.device)
+        starts = torch.tensor(prompt_lens, device=self.device)
+        j = torch.arange(max(resp_lens), device=self.device)
+        lengths = torch.tensor(resp_lens, device=self.device)
+        mask = j[None] < lengths[:, None]  # (B, T)
+        routed = self.routing(gates) if experts_on else contextlib.nullcontext()
+        with routed:
+            hidden = self.lm.base_model(
+                input_ids=ids, attention_mask=attention, use_cache=False
+            ).last_hidden_state
+        # the n real response tokens: the sequence b of each and the position pos that predicts it
+        b = mask.nonzero(as_tuple=True)[0]  # (n,)
+        pos = (starts[:, None] + j[None] - 1)[mask]  # (n,)
+        head = self.lm.get_output_embeddings()
+        logp, entropy = token_logp_entropy(hidden[b, pos], head, ids[b, pos + 1], temperature)
+        blank = torch.zeros(mask.shape, device=self.device)
+        return blank.masked_scatter(mask, logp), blank.masked_scatter(mask, entropy), mask
 
 
-# --- Rollout: N envs in lockstep, one routing decision and one generated response per env step ------------------------
+# --- Rollout: N envs in lockstep, one routing decision and one generated response per env step ----
+INVALID_PENALTY = 0.1  # reward lost by an answer that is no admissible action (paper: 0.1)
+
+
 class StepFeatures:
-    """A rollout's frozen step features: a table whose row 0 is zeros (before an episode's start), then one row
-    [observation ; previous action] (2d,) per lane and step; window(n, t) indexes lane n's rows of steps t-L+1..t."""
+    """A rollout's frozen step features: a table whose row 0 is zeros (before an episode's start),
+    then one row [observation ; previous action] (2d,) per lane and step; window(n, t) indexes lane
+    n's rows of steps t-L+1..t."""
 
     def __init__(self, agent, N):
-        self.agent, self.rows, self.lane_rows = agent, [torch.zeros(2 * agent.lm.config.hidden_size,
-                                                                    device=agent.device)], [[] for _ in range(N)]
+        self.agent = agent
+        self.rows = [torch.zeros(2 * agent.lm.config.hidden_size, device=agent.device)]
+        self.lane_rows = [[] for _ in range(N)]
 
     def add(self, lanes, obs, last_action):
-        lm, tok, dev = self.agent.lm, self.agent.tok, self.agent.device
-        obs_f = mean_pool(*encode_texts(lm, tok, [obs[n] for n in lanes], dev))  # (A, d)
-        act_f = torch.zeros_like(obs_f)
-        has = [i for i, n in enumerate(lanes) if last_action[n]]
-        if has:
-            act_f[has] = mean_pool(*encode_texts(lm, tok, [last_action[lanes[i]] for i in has], dev))
-        for n, f in zip(lanes, torch.cat([obs_f, act_f], -1)):
+        lm, tok, device = self.agent.lm, self.agent.tok, self.agent.device
+        obs_features = mean_pool(*encode_texts(lm, tok, [obs[n] for n in lanes], device))  # (A, d)
+        action_features = torch.zeros_like(obs_features)
+        acted = [i for i, n in enumerate(lanes) if last_action[n]]
+        if acted:
+            texts = [last_action[lanes[i]] for i in acted]
+            action_features[acted] = mean_pool(*encode_texts(lm, tok, texts, device))
+        for n, row in zip(lanes, torch.cat([obs_features, action_features], -1)):
             self.lane_rows[n].append(len(self.rows))
-            self.rows.append(f)
+            self.rows.append(row)
 
     def window(self, n, t):
         L = self.agent.args.router_window
         return [self.lane_rows[n][s] if s >= 0 else 0 for s in range(t - L + 1, t + 1)]
 
+    def table(self):
+        return torch.stack(self.rows)  # (rows, 2d)
+
 
 def generate(agent, prompts, gates, temperature):
-    """One sampled response per prompt with the experts of gates (B, 1, K) (None: token routing). Returns per prompt
-    (prompt ids, response ids up to the EOS or the end of the tagged answer, response text), and for token routing
-    each response's most chosen expert over layers and tokens (tables only), else None."""
-    a, tok, K = agent.args, agent.tok, agent.args.experts[0]
-    stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with its action
-    enc = tok(prompts, padding=True, padding_side="left", truncation=True, max_length=a.max_prompt_tokens,
-              return_tensors="pt", add_special_tokens=False).to(agent.device)
+    """One sampled response per prompt with the experts of gates (B, 1, K) (None: token routing).
+    Returns per prompt (prompt ids, response ids up to the EOS or the end of the tagged answer,
+    response text), and for token routing each response's most chosen expert over layers and
+    tokens (tables only), else None."""
+    a, tok = agent.args, agent.tok
+    stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with it
+    enc = tok(
+        prompts,
+        padding=True,
+        padding_side="left",
+        truncation=True,
+        max_length=a.max_prompt_tokens,
+        return_tensors="pt",
+        add_special_tokens=False,
+    ).to(agent.device)
     P = enc.input_ids.shape[1]
+    stopping = [envs.stop_at(tok, stop, P)] if stop else None
     with agent.routing(gates):
-        out = agent.lm.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                eos_token_id=tok.eos_token_id,
-                                stopping_criteria=[envs.stop_at(tok, stop, P)] if stop else None)
-    voted = None if gates is not None else torch.cat([F.one_hot(c, K).reshape(len(prompts), -1, K)
-                                                      for c in agent.routing.token_choices], 1).sum(1).argmax(-1)
+        # only the sampling settings stated here (load_model cleared the model's own)
+        out = agent.lm.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=a.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            stopping_criteria=stopping,
+        )
+    voted = None
+    if a.token_routed:  # count each expert's choices over layers and tokens: (B, K)
+        K = a.experts[0]
+        chosen = [F.one_hot(c, K).reshape(len(prompts), -1, K) for c in agent.routing.token_choices]
+        voted = torch.cat(chosen, 1).sum(1).argmax(-1)
     samples = []
     for i in range(len(prompts)):
-        resp = out[i, P:].cpu()
-        resp = resp[:envs.response_length(resp.tolist(), tok, stop)]  # the sampled EOS or stop kept, padding dropped
-        samples.append((enc.input_ids[i][enc.attention_mask[i].bool()].cpu(), resp,
-                        tok.decode(resp, skip_special_tokens=True)))
+        response = out[i, P:].cpu()
+        # the sampled EOS or stop kept, padding dropped
+        response = response[: envs.response_length(response.tolist(), tok, stop)]
+        prompt = enc.input_ids[i][enc.attention_mask[i].bool()].cpu()
+        samples.append((prompt, response, tok.decode(response, skip_special_tokens=True)))
     return samples, voted
+
+
+def record(steps, **fields):
+    """Append one step's fields to the rollout's per-step lists."""
+    for key, value in fields.items():
+        steps[key].append(value)
+
+
+class Lanes:
+    """N episodes played in lockstep: each lane's observation and info, its prompt history, its
+    previous action and that action's verb ("" before the first, <invalid> after a bad answer)."""
+
+    def __init__(self, first):  # first: env_batch.reset's (observation, info) per lane
+        self.obs, self.infos = map(list, zip(*first))
+        N = len(self.obs)
+        self.history = [[] for _ in range(N)]
+        self.last_action = [""] * N
+        self.last_verb = [""] * N
+        self.done = [False] * N
+        self.truncated = [False] * N  # ended by the step limit
+
+    def live(self):
+        return [n for n, done in enumerate(self.done) if not done]
+
+    def advance(self, n, action, invalid, result):
+        """Lane n took `action` (its answer's text if invalid) and env_batch.step gave result."""
+        next_obs, _, terminated, truncated, info = result
+        self.history[n].append((self.obs[n], action))
+        self.last_action[n] = action
+        self.last_verb[n] = "<invalid>" if invalid else action.split()[0]
+        self.obs[n] = next_obs
+        self.infos[n] = info
+        self.done[n] = terminated or truncated
+        self.truncated[n] = truncated
 
 
 @torch.no_grad()
 def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
-    """Play one episode per lane. Returns a dict: per-step samples as lists (ordered by step, then lane), the
-    frozen step-feature table that `window` indexes, the goal token states per lane, and for truncated lanes the
-    window of the final observation (to bootstrap from)."""
-    a, dev, tok = agent.args, agent.device, agent.tok
+    """Play one episode per lane. Returns `steps`: per-step lists (ordered by step, then lane), the
+    frozen step-feature table that `window` indexes, the goal token states per lane and, for
+    truncated lanes, the window of the final observation (to bootstrap from)."""
+    a, device = agent.args, agent.device
     K, N = a.experts[0], len(seeds)
-    obs, infos = map(list, zip(*env_batch.reset(seeds)))
-    goal_states, goal_mask = encode_texts(agent.lm, tok, [i["goal"] for i in infos], dev)
-    feats = StepFeatures(agent, N)
-    history, last_action, done, cut = [[] for _ in range(N)], [""] * N, [False] * N, [False] * N
-    last_verb = [""] * N  # the verb of each lane's previous action: "" before the first, <invalid> after a bad output
-    episode_k = torch.zeros(N, dtype=torch.long, device=dev)
-    episode_p = torch.ones(N, K, device=dev) / K  # the router's probabilities of each lane's current step
-    R = defaultdict(list)
+    lanes = Lanes(env_batch.reset(seeds))
+    goals = [info["goal"] for info in lanes.infos]
+    goal_states, goal_mask = encode_texts(agent.lm, agent.tok, goals, device)
+    features = StepFeatures(agent, N)
+    expert = torch.zeros(N, dtype=torch.long, device=device)  # each lane's current expert
+    expert_p = torch.ones(N, K, device=device) / K  # the router's probabilities it came from
+    steps = defaultdict(list)
     for t in range(env_batch.max_steps):
-        lanes = [n for n in range(N) if not done[n]]
-        if not lanes:
+        live = lanes.live()
+        if not live:
             break
-        feats.add(lanes, obs, last_action)
-        lane_idx = torch.tensor(lanes, device=dev)
-        win = torch.tensor([feats.window(n, t) for n in lanes], device=dev)  # (A, L)
-        if agent.router is not None and (a.routing == "phase" or t == 0):  # trajectory: decide at step 0 only
-            p = router_probs(agent.router, torch.stack(feats.rows)[win], goal_states[lane_idx], goal_mask[lane_idx],
-                             tau)
-            k = p.argmax(-1) if greedy_router else torch.multinomial(p, 1)[:, 0]
-            episode_k[lane_idx], episode_p[lane_idx] = k, p
-        k = episode_k[lane_idx]  # dense: expert 0
-        gates = None if a.routing == "token" else F.one_hot(k, K).float()[:, None]  # (A, 1, K)
-        prompts = [envs.fit_prompt(tok, a, infos[n], obs[n], history[n], t) for n in lanes]
+        features.add(live, lanes.obs, lanes.last_action)
+        live_idx = torch.tensor(live, device=device)
+        windows = torch.tensor([features.window(n, t) for n in live], device=device)  # (A, L)
+        if a.step_router and (a.routes_every_step or t == 0):  # trajectory: at step 0 only
+            goal, mask = goal_states[live_idx], goal_mask[live_idx]
+            p = router_probs(agent.router, features.table()[windows], goal, mask, tau)  # (A, K)
+            if greedy_router:
+                expert[live_idx] = p.argmax(-1)
+            else:
+                expert[live_idx] = torch.multinomial(p, 1)[:, 0]
+            expert_p[live_idx] = p
+        prompts = [
+            envs.fit_prompt(
+                agent.tok, agent.prompt_format, lanes.infos[n], lanes.obs[n], lanes.history[n], t
+            )
+            for n in live
+        ]
+        gates = step_gates_for(agent, live_idx, expert)  # (A, 1, K); token routing: None
         samples, voted = generate(agent, prompts, gates, temperature)
-        k = k if voted is None else voted
+        k = expert[live_idx] if voted is None else voted  # dense: expert 0
         actions, invalid = [None] * N, {}
-        for i, (n, (prompt_ids, resp, text)) in enumerate(zip(lanes, samples)):
-            cmd, valid = envs.parse_action(text, infos[n]["admissible"])
-            actions[n], invalid[n] = (cmd if valid else text), not valid
-            for key, val in (("seq", torch.cat([prompt_ids, resp])), ("prompt_len", len(prompt_ids)),
-                             ("resp_len", len(resp)), ("lane", n), ("t", t), ("k", int(k[i])),
-                             ("router_p", episode_p[n].tolist()), ("window", win[i].tolist()),
-                             ("last_verb", last_verb[n]), ("obs", obs[n]), ("response", text),
-                             ("action", cmd if valid else None), ("goal", infos[n]["goal"]),
-                             ("phase", env_batch.step_phase(infos[n], cmd if valid else None)),
-                             ("task_type", infos[n]["task_type"])):
-                R[key].append(val)
+        for i, (n, (prompt, response, text)) in enumerate(zip(live, samples)):
+            info = lanes.infos[n]
+            command, valid = envs.parse_action(text, info["admissible"])
+            actions[n] = command if valid else text
+            invalid[n] = not valid
+            record(
+                steps,
+                seq=torch.cat([prompt, response]),
+                prompt_len=len(prompt),
+                resp_len=len(response),
+                lane=n,
+                t=t,
+                k=int(k[i]),
+                router_p=expert_p[n].tolist(),
+                window=windows[i].tolist(),
+                last_verb=lanes.last_verb[n],
+                obs=lanes.obs[n],
+                response=text,
+                action=command,
+                goal=info["goal"],
+                phase=env_batch.step_phase(info, command),
+                task_type=info["task_type"],
+            )
         results = env_batch.step(actions)
-        for n in lanes:
-            o, r, term, trunc, info = results[n]  # an invalid output costs -0.1 (paper) and is counted
-            for key, val in (("reward", r - 0.1 * invalid[n]), ("invalid", invalid[n]), ("terminated", term),
-                             ("truncated", trunc), ("won", info["won"])):
-                R[key].append(val)
-            history[n].append((obs[n], actions[n]))
-            last_action[n], obs[n], infos[n], done[n], cut[n] = actions[n], o, info, term or trunc, trunc
-            last_verb[n] = "<invalid>" if invalid[n] else actions[n].split()[0]
-    truncated = [n for n in range(N) if cut[n]]
+        for n in live:
+            _, reward, terminated, truncated, info = results[n]
+            record(
+                steps,
+                reward=reward - INVALID_PENALTY * invalid[n],  # the invalid output is counted
+                invalid=invalid[n],
+                terminated=terminated,
+                truncated=truncated,
+                won=info["won"],
+            )
+            lanes.advance(n, actions[n], invalid[n], results[n])
+    truncated = [n for n in range(N) if lanes.truncated[n]]
     if truncated:  # features of the final observation, to bootstrap from at truncation
-        feats.add(truncated, obs, last_action)
-    R.update(table=torch.stack(feats.rows), goal_states=goal_states, goal_mask=goal_mask,
-             final_window={n: feats.window(n, len(feats.lane_rows[n]) - 1) for n in truncated})
-    return dict(R)
+        features.add(truncated, lanes.obs, lanes.last_action)
+    steps["table"] = features.table()
+    steps["goal_states"] = goal_states
+    steps["goal_mask"] = goal_mask
+    final_window = {n: features.window(n, len(features.lane_rows[n]) - 1) for n in truncated}
+    steps["final_window"] = final_window
+    return dict(steps)
 
 
-def rollout_stats(S, N):
-    """Per-episode summaries of a rollout: success, return, steps, switches, task type, experts and phases."""
-    ep = defaultdict(lambda: {"return": 0.0, "won": False, "experts": [], "phases": []})
-    for n, r, won, tt, k, ph in zip(*(S[key] for key in ("lane", "reward", "won", "task_type", "k", "phase"))):
-        e = ep[n]
-        e["return"], e["won"], e["task_type"] = e["return"] + r, e["won"] or won, tt
-        e["experts"].append(k)
-        e["phases"].append(ph)
-    eps = [ep[n] for n in range(N)]
-    for e in eps:
-        e["steps"], e["switches"] = len(e["experts"]), sum(x != y for x, y in zip(e["experts"], e["experts"][1:]))
-    return eps
-
-
-def episode_metrics(S, eps, K, task_types, prefix=""):
-    """Success (in all and per task type), return, length and expert switches of episodes eps, the share of invalid
-    answers among steps S and of steps routed to each expert."""
-    m = {"success": [e["won"] for e in eps], "return": [e["return"] for e in eps], "steps": [e["steps"] for e in eps],
-         "switches": [e["switches"] for e in eps], "invalid": S["invalid"],
-         **{f"success/{tt}": [e["won"] for e in eps if e["task_type"] == tt] for tt in task_types},
-         **{f"expert_share/{LETTERS[k]}": np.equal(S["k"], k) for k in range(K)}}
-    return {prefix + key: float(np.mean(v)) for key, v in m.items() if len(v)}  # a task type no episode drew: none
-
-
-def gather_steps(S, lanes):
-    """The per-step lists that statistics read, of every rank's rollout over its `lanes` (lane numbers made global)."""
-    keys = ("lane", "reward", "won", "task_type", "k", "phase", "invalid", "resp_len")
-    mine = {key: [lanes[n] for n in S[key]] if key == "lane" else S[key] for key in keys}
-    return {key: sum((part[key] for part in all_gather(mine)), []) for key in keys}
-
-
-# --- PPO update over one rollout --------------------------------------------------------------------------------------
+# --- PPO update over one rollout ------------------------------------------------------------------
 def step_gates_for(agent, idx, k):
-    """Gates of stored samples as they were in the rollout (no router gradient): None for token routing."""
-    return None if agent.args.routing == "token" else F.one_hot(k[idx], agent.args.experts[0]).float()[:, None]
+    """Gates (b, 1, K) of stored steps idx as they were in the rollout (no router gradient);
+    None for token routing."""
+    if agent.args.token_routed:
+        return None
+    return F.one_hot(k[idx], agent.args.experts[0]).float()[:, None]
 
 
 def real_tokens(token_probs, seqs):
-    """Token routing: each layer's router probabilities (n, K) at the n real tokens of the last pass over seqs."""
-    real = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs], batch_first=True)
-    return [pr[real.to(pr.device)] for pr in token_probs]
+    """Token routing: each layer's router probabilities (n, K) at the n real tokens of the last
+    pass over seqs."""
+    ones = [torch.ones(len(s), dtype=torch.bool) for s in seqs]
+    real = nn.utils.rnn.pad_sequence(ones, batch_first=True)
+    return [probs[real.to(probs.device)] for probs in token_probs]
 
 
 @torch.no_grad()
-def prepare_batch(agent, R):
-    """Values, GAE advantages (whitened over the batch) and returns; old and reference log-probs per sample."""
-    a, dev = agent.args, agent.device
-    lanes, steps = torch.tensor(R["lane"], device=dev), torch.tensor(R["t"], device=dev)
-    N, T = R["goal_states"].shape[0], int(steps.max()) + 1
-    windows = torch.tensor(R["window"], device=dev)  # (S, L)
-    values = agent.critic(R["table"][windows], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
+def prepare_batch(agent, steps):
+    """Values, GAE advantages (whitened over the batch) and returns; old and reference log-probs
+    per step; the router's inputs and what its losses pair and group."""
+    a, device = agent.args, agent.device
+    lanes = torch.tensor(steps["lane"], device=device)
+    ts = torch.tensor(steps["t"], device=device)
+    N, T = steps["goal_states"].shape[0], int(ts.max()) + 1  # episodes, steps
+    windows = torch.tensor(steps["window"], device=device)  # (S, L)
+    table, goal_states, goal_mask = steps["table"], steps["goal_states"], steps["goal_mask"]
+    values = agent.critic(table[windows], goal_states[lanes], goal_mask[lanes])[:, 0]
 
-    def grid(x):  # per-sample values -> (N, T), zero where an episode has no step t
-        return torch.zeros(N, T, device=dev).index_put_((lanes, steps), torch.as_tensor(x, device=dev).float())
+    def grid(x):  # per-step values -> (N, T), zero where an episode has no step t
+        x = torch.as_tensor(x, device=device).float()
+        return torch.zeros(N, T, device=device).index_put_((lanes, ts), x)
 
-    V, rew, term, trunc = grid(values), grid(R["reward"]), grid(R["terminated"]), grid(R["truncated"])
+    V = grid(values)
+    rewards = grid(steps["reward"])
+    terminated = grid(steps["terminated"])
+    truncated = grid(steps["truncated"])
     lengths = torch.bincount(lanes, minlength=N)
-    valid = torch.arange(T, device=dev)[None] < lengths[:, None]  # (N, T)
-    next_V = torch.cat([V[:, 1:], torch.zeros(N, 1, device=dev)], 1)
-    if R["final_window"]:  # truncation bootstraps from V of the final observation
-        tl = torch.tensor(list(R["final_window"]), device=dev)
-        fw = torch.tensor(list(R["final_window"].values()), device=dev)
-        next_V[tl, lengths[tl] - 1] = agent.critic(R["table"][fw], R["goal_states"][tl], R["goal_mask"][tl])[:, 0]
-    dones = torch.where(valid, torch.maximum(term, trunc), 1.0)
-    adv, ret = gae(rew, V, next_V, term, dones, a.gamma, a.gae_lambda)
+    valid = torch.arange(T, device=device)[None] < lengths[:, None]  # (N, T)
+    next_V = torch.cat([V[:, 1:], torch.zeros(N, 1, device=device)], 1)
+    if steps["final_window"]:  # truncation bootstraps from V of the final observation
+        cut = torch.tensor(list(steps["final_window"]), device=device)
+        final = torch.tensor(list(steps["final_window"].values()), device=device)
+        final_V = agent.critic(table[final], goal_states[cut], goal_mask[cut])[:, 0]
+        next_V[cut, lengths[cut] - 1] = final_V
+    dones = torch.where(valid, torch.maximum(terminated, truncated), 1.0)
+    adv, ret = gae(rewards, V, next_V, terminated, dones, a.gamma, a.gae_lambda)
     adv = whiten(adv, valid)
-    pos = {(n, t): i for i, (n, t) in enumerate(zip(R["lane"], R["t"]))}
-    B = {"adv": adv[lanes, steps], "ret": ret[lanes, steps], "values": values, "windows": windows, "lanes": lanes,
-         "k": torch.tensor(R["k"], device=dev),
-         # the sample of step t+1 of the same episode (for the switch penalty), -1 if none
-         "next": torch.tensor([pos.get((n, t + 1), -1) for n, t in zip(R["lane"], R["t"])], device=dev)}
-    if a.routing == "phase":  # I(expert; last verb) over the rollout of all ranks: each step's previous verb and
-        # the router probabilities it was routed with
-        parts = all_gather((R["last_verb"], R["router_p"]))
-        vocab = {v: i for i, v in enumerate(sorted({v for verbs, _ in parts for v in verbs}))}
-        groups = torch.tensor([vocab[v] for verbs, _ in parts for v in verbs], device=dev)
-        logratio = group_logratio(torch.tensor(sum((p for _, p in parts), []), device=dev), groups)  # (all steps, K)
-        start = sum(len(verbs) for verbs, _ in parts[:rank_world()[0]])
-        B["verb_logratio"] = logratio[start:start + len(R["last_verb"])]  # (S, K) this rank's steps
-    # the trajectory router decides once, from the window of the episode's first step
-    first = torch.tensor([pos[(n, 0)] for n in R["lane"]], device=dev)
-    B["router_windows"] = windows[first] if a.routing == "trajectory" else windows
-    B["old_logp"], B["ref_logp"] = [None] * len(R["seq"]), [None] * len(R["seq"])
-    by_length = torch.tensor([len(s) for s in R["seq"]]).argsort()  # similar lengths together: less padding
-    for mb in by_length.split(a.micro_batch or a.minibatch):  # memory within that of a PPO micro-batch
-        seqs, pl, rl = ([R[key][i] for i in mb] for key in ("seq", "prompt_len", "resp_len"))
-        old = agent.response_logprobs(seqs, pl, rl, a.temperature, step_gates_for(agent, mb.to(dev), B["k"]))[0]
-        ref = agent.response_logprobs(seqs, pl, rl, a.temperature, None, experts_on=False)[0]
-        for i, lp_old, lp_ref, n in zip(mb.tolist(), old, ref, rl):
-            B["old_logp"][i], B["ref_logp"][i] = lp_old[:n], lp_ref[:n]
-    return B
+    index_of = {(n, t): i for i, (n, t) in enumerate(zip(steps["lane"], steps["t"]))}
+    # the step t+1 of the same episode (the switch term's pair), -1 if none
+    next_step = [index_of.get((n, t + 1), -1) for n, t in zip(steps["lane"], steps["t"])]
+    batch = {
+        "adv": adv[lanes, ts],
+        "ret": ret[lanes, ts],
+        "values": values,
+        "windows": windows,
+        "lanes": lanes,
+        "k": torch.tensor(steps["k"], device=device),
+        "next": torch.tensor(next_step, device=device),
+        "router_windows": windows,
+    }
+    if not a.routes_every_step:  # trajectory: the router decided once, from the first step
+        first = torch.tensor([index_of[(n, 0)] for n in steps["lane"]], device=device)
+        batch["router_windows"] = windows[first]
+    if a.routes_every_step:
+        batch["verb_logratio"] = verb_logratio(steps, device)
+    batch["old_logp"], batch["ref_logp"] = old_and_reference_logprobs(agent, steps, batch)
+    return batch
 
 
-class NonFiniteError(RuntimeError):
-    """A loss term, gradient norm or parameter became nan or inf: the run must stop before it trains on it."""
+def verb_logratio(steps, device):
+    """log(P_verb / P) (S, K) of this rank's steps, over the rollout of all ranks: each step's
+    previous verb and the router probabilities it was routed with (group_logratio)."""
+    parts = all_gather((steps["last_verb"], steps["router_p"]))
+    verbs = [v for part_verbs, _ in parts for v in part_verbs]
+    vocabulary = {v: i for i, v in enumerate(sorted(set(verbs)))}
+    groups = torch.tensor([vocabulary[v] for v in verbs], device=device)
+    probs = torch.tensor(sum((p for _, p in parts), []), device=device)
+    logratio = group_logratio(probs, groups)  # (all steps, K)
+    start = sum(len(part_verbs) for part_verbs, _ in parts[: rank_world()[0]])
+    return logratio[start : start + len(steps["last_verb"])]
 
 
-def check_finite(named):
-    """Raise NonFiniteError naming the first of {name: tensor} that holds a nan or inf on any rank, on every rank."""
-    finite = (all_sum(torch.stack([~t.detach().isfinite().all() for t in named.values()]).int()) == 0).tolist()
-    if not all(finite):
-        raise NonFiniteError(list(named)[finite.index(False)])
+def old_and_reference_logprobs(agent, steps, batch):
+    """Per step, the response's log-probs under the rollout's policy (its experts, old) and under
+    the frozen base (experts off, the reference), in batches of similar lengths (less padding)
+    whose memory is that of a PPO micro-batch."""
+    a = agent.args
+    old, ref = [None] * len(steps["seq"]), [None] * len(steps["seq"])
+    by_length = torch.tensor([len(s) for s in steps["seq"]]).argsort()
+    for mb in by_length.split(a.micro_batch or a.minibatch):
+        seqs = [steps["seq"][i] for i in mb]
+        starts = [steps["prompt_len"][i] for i in mb]
+        lengths = [steps["resp_len"][i] for i in mb]
+        gates = step_gates_for(agent, mb.to(agent.device), batch["k"])
+        routed = agent.response_logprobs(seqs, starts, lengths, a.temperature, gates)[0]
+        base = agent.response_logprobs(seqs, starts, lengths, a.temperature, None, experts_on=False)
+        for i, lp_old, lp_ref, n in zip(mb.tolist(), routed, base[0], lengths):
+            old[i] = lp_old[:n]
+            ref[i] = lp_ref[:n]
+    return old, ref
 
 
-def router_losses(agent, R, B, mb, tau):
-    """The step router on minibatch mb (this rank's steps; means over all ranks): p_t at each step and p_t+1 at the
-    next step of the same episode, straight-through gates of the rollout's choices k, and its auxiliary losses
-        switch  = lambda_s mean_t (1 - sum_k p_t,k p_t+1,k)           temporal consistency (phase routing)
-        balance = lambda_b balance_loss(P, f)                          load balance
-        info    = -lambda_i I(k; verb of the previous action)          behaviour information (phase routing)
-    Trajectory routing decides once per episode, from its first step, so it never switches: its p_t+1 would be p_t
-    and the switch term 1 - sum_k p_k^2 a sharpening of p weighted by the episode's length; it has no switch term.
-    Returns gates (B, 1, K), {term: loss}, {statistic: value}."""
-    a, n, lanes, k, nxt = agent.args, all_sum(len(mb)), B["lanes"][mb], B["k"][mb], B["next"][mb]  # nxt -1: no t+1
-    phase = a.routing == "phase"
-    wins = B["router_windows"][mb]
-    if phase:
-        wins = torch.cat([wins, B["router_windows"][nxt.clamp(min=0)]])  # and the next step's windows
-    gl = lanes.repeat(len(wins) // len(mb))
-    probs = router_probs(agent.router, R["table"][wins], R["goal_states"][gl], R["goal_mask"][gl], tau)
-    p = probs[:len(mb)]
+def router_losses(agent, steps, batch, mb, tau):
+    """The step router on minibatch mb (this rank's steps; means over all ranks): p_t at each step
+    and p_t+1 at the next step of the same episode, straight-through gates of the rollout's choices
+    k, and its auxiliary losses
+        switch  = lambda_s mean_t (1 - sum_k p_t,k p_t+1,k)    temporal consistency (phase)
+        balance = lambda_b balance_loss(P, f)                   load balance
+        info    = -lambda_i I(k; verb of the previous action)   behaviour information (phase)
+    Trajectory routing decides once per episode, from its first step, so it never switches: its
+    p_t+1 would be p_t and the switch term 1 - sum_k p_k^2 a sharpening of p weighted by the
+    episode's length; it has no switch term.
+    Returns gates (b, 1, K), {term: loss}, {statistic: value}."""
+    a = agent.args
+    n_steps = global_sum(len(mb))
+    lanes, k = batch["lanes"][mb], batch["k"][mb]
+    next_step = batch["next"][mb]  # -1: no step t+1
+    windows = batch["router_windows"][mb]
+    if a.routes_every_step:  # and the next steps' windows, in the same pass
+        windows = torch.cat([windows, batch["router_windows"][next_step.clamp(min=0)]])
+    goal_lanes = lanes.repeat(len(windows) // len(mb))
+    goal, goal_mask = steps["goal_states"][goal_lanes], steps["goal_mask"][goal_lanes]
+    probs = router_probs(agent.router, steps["table"][windows], goal, goal_mask, tau)
+    p = probs[: len(mb)]
     terms, stats = {}, {}
-    if phase:
-        pairs = (nxt >= 0).sum()
-        sw = summed(switch_penalty(p, probs[len(mb):], nxt >= 0) * pairs / max(all_sum(int(pairs)), 1))
-        terms["switch"], stats["switch_penalty"] = a.switch_coef * sw, float(sw.detach())
-    terms["balance"] = a.balance_coef * balance_loss(summed(p.sum(0))[None] / n, all_choices(k, p.shape[1]), a.balance)
-    stats["router_entropy"] = all_sum(float(-(p * p.clamp(min=1e-12).log()).sum().detach())) / n
-    if phase:  # the rollout's log-ratios log(P_verb / P) held fixed: the gradient of I (group_logratio)
-        info = summed((p * B["verb_logratio"][mb]).sum() / n)
-        terms["info"], stats["verb_information"] = -a.info_coef * info, float(info.detach())
+    if a.routes_every_step:
+        has_next = next_step >= 0
+        pairs = has_next.sum()
+        all_pairs = max(global_sum(int(pairs)), 1)
+        switch = shared_sum(switch_penalty(p, probs[len(mb) :], has_next) * pairs / all_pairs)
+        terms["switch"] = a.switch_coef * switch
+        stats["switch_penalty"] = float(switch.detach())
+    P = shared_sum(p.sum(0))[None] / n_steps  # mean router probabilities over all ranks' steps
+    balance = balance_loss(P, all_choices(k, p.shape[1]), a.balance)
+    terms["balance"] = a.balance_coef * balance
+    entropy = -(p * p.clamp(min=1e-12).log()).sum()
+    stats["router_entropy"] = global_sum(float(entropy.detach())) / n_steps
+    if a.routes_every_step:
+        # the rollout's log-ratios log(P_verb / P) held fixed: the gradient of I (group_logratio)
+        info = shared_sum((p * batch["verb_logratio"][mb]).sum() / n_steps)
+        terms["info"] = -a.info_coef * info
+        stats["verb_information"] = float(info.detach())
     return step_gates(p, k), terms, stats
 
 
-def policy_loss(agent, R, B, idx, gates):
-    """PPO's loss on the response tokens of steps idx, token means (each token carries its step's advantage):
+def policy_loss(agent, steps, batch, idx, gates):
+    """PPO's loss on the response tokens of steps idx, token means (each token carries its step's
+    advantage):
         L = clipped surrogate + kl_coef KL_k3(pi || pi_ref) - ent_coef entropy
-    gates (b, 1, K), or None for token routing. Returns L, its statistics, and the number of response tokens."""
-    a, pad = agent.args, nn.utils.rnn.pad_sequence
-    seqs, pl, rl = ([R[key][i] for i in idx] for key in ("seq", "prompt_len", "resp_len"))
-    logp, ent, mask = agent.response_logprobs(seqs, pl, rl, a.temperature, gates)  # (b, R) each
-    old, ref = (pad([B[key][i] for i in idx], batch_first=True) for key in ("old_logp", "ref_logp"))  # (b, R)
-    adv = B["adv"][idx][:, None].expand_as(logp)
+    gates (b, 1, K), or None for token routing. Returns L, its statistics, and the number of
+    response tokens."""
+    a = agent.args
+    seqs = [steps["seq"][i] for i in idx]
+    starts = [steps["prompt_len"][i] for i in idx]
+    lengths = [steps["resp_len"][i] for i in idx]
+    logp, entropy, mask = agent.response_logprobs(seqs, starts, lengths, a.temperature, gates)
+    old = nn.utils.rnn.pad_sequence([batch["old_logp"][i] for i in idx], batch_first=True)
+    ref = nn.utils.rnn.pad_sequence([batch["ref_logp"][i] for i in idx], batch_first=True)
+    adv = batch["adv"][idx][:, None].expand_as(logp)  # (b, T)
     pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old, adv, mask, a.clip)
-    kl, entropy, ratio = kl_k3(logp, ref, mask), masked_mean(ent, mask), torch.where(mask, logp - old, 0).exp()
-    stats = {"pg_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl, "kl": kl, "entropy": entropy,
-             "ratio": masked_mean(ratio, mask), "ratio_sq": masked_mean(ratio ** 2, mask)}
-    return pg_loss + a.kl_coef * kl - a.ent_coef * entropy, {k: v.detach() for k, v in stats.items()}, sum(rl)
+    kl = kl_k3(logp, ref, mask)
+    entropy = masked_mean(entropy, mask)
+    ratio = torch.where(mask, logp - old, 0).exp()
+    stats = {
+        "pg_loss": pg_loss,
+        "clipfrac": clipfrac,
+        "approx_kl": approx_kl,
+        "kl": kl,
+        "entropy": entropy,
+        "ratio": masked_mean(ratio, mask),
+        "ratio_sq": masked_mean(ratio**2, mask),
+    }
+    loss = pg_loss + a.kl_coef * kl - a.ent_coef * entropy
+    return loss, {k: v.detach() for k, v in stats.items()}, sum(lengths)
 
 
-def token_balance_stats(agent, R, mb):
-    """Token routing over several micro-batches or ranks: each layer's mean router probabilities and choices over all
-    tokens of the minibatch (one no-grad pass), so that each micro-batch's balance share is that of the whole."""
-    seqs = [R["seq"][i] for i in mb]
+def token_balance_stats(agent, steps, mb):
+    """Token routing over several micro-batches or ranks: each layer's mean router probabilities
+    and choices over all tokens of the minibatch (one no-grad pass), so that each micro-batch's
+    balance share is that of the whole."""
+    seqs = [steps["seq"][i] for i in mb]
+    starts = [steps["prompt_len"][i] for i in mb]
+    lengths = [steps["resp_len"][i] for i in mb]
     with torch.no_grad():
-        agent.response_logprobs(seqs, [R["prompt_len"][i] for i in mb], [R["resp_len"][i] for i in mb],
-                                agent.args.temperature, None)
-    n_tok = all_sum(sum(map(len, seqs)))
-    return [(all_sum(p.sum(0)) / n_tok, all_choices(p.argmax(-1), p.shape[1]))
-            for p in real_tokens(agent.routing.token_probs, seqs)]
+        agent.response_logprobs(seqs, starts, lengths, agent.args.temperature, None)
+    n_tokens = global_sum(sum(map(len, seqs)))
+    layers = real_tokens(agent.routing.token_probs, seqs)
+    return [
+        (global_sum(p.sum(0)) / n_tokens, all_choices(p.argmax(-1), p.shape[1])) for p in layers
+    ]
 
 
-def policy_backward(agent, R, B, mb, gates):
-    """Backward of the policy loss of minibatch mb in micro-batches of --micro_batch steps (gradient accumulation),
-    each weighted by its share of the minibatch's response tokens on all ranks; token routing adds each layer's
-    balance of its token router. gates: a leaf (B, 1, K) cut from the router's graph (its gradient collects there), or
-    None. Returns token-weighted means of the statistics and the loss terms summed over micro-batches."""
-    a, tokens = agent.args, all_sum(sum(R["resp_len"][i] for i in mb))
+def policy_backward(agent, steps, batch, mb, gates):
+    """Backward of the policy loss of minibatch mb in micro-batches of --micro_batch steps
+    (gradient accumulation), each weighted by its share of the minibatch's response tokens on all
+    ranks; token routing adds each layer's balance of its token router. gates: a leaf (b, 1, K)
+    cut from the router's graph (its gradient collects there), or None. Returns token-weighted
+    means of the statistics and the loss terms summed over micro-batches."""
+    a = agent.args
+    tokens = global_sum(sum(steps["resp_len"][i] for i in mb))  # response tokens, all ranks
     parts = torch.arange(len(mb)).split(a.micro_batch or len(mb))
-    n_tok = all_sum(sum(len(R["seq"][i]) for i in mb))  # every token of every sequence, prompts too
-    token_stats = token_balance_stats(agent, R, mb) if a.routing == "token" and (
-        len(parts) > 1 or dist.is_initialized()) else None
+    n_tokens = global_sum(sum(len(steps["seq"][i]) for i in mb))  # prompts too
+    token_stats = None
+    if a.token_routed and (len(parts) > 1 or dist.is_initialized()):
+        token_stats = token_balance_stats(agent, steps, mb)
     mean, checked = defaultdict(float), defaultdict(float)
     for part in parts:
-        idx, gates_ = mb[part], None if gates is None else gates[part]
-        with agent.routing(gates_):  # --grad_ckpt replays the layers in backward: route them as before
-            loss, stats, n_resp = policy_loss(agent, R, B, idx, gates_)
-            extra = 0
-            if a.routing == "token":  # this micro-batch's share of every layer's balance
-                probs = real_tokens(agent.routing.token_probs, [R["seq"][i] for i in idx])  # per layer (n, K)
+        idx = mb[part]
+        part_gates = None if gates is None else gates[part]
+        with agent.routing(part_gates):  # --grad_ckpt replays the layers in backward: route alike
+            loss, stats, n_resp = policy_loss(agent, steps, batch, idx, part_gates)
+            balance = 0
+            if a.token_routed:  # this micro-batch's share of every layer's balance
+                seqs = [steps["seq"][i] for i in idx]
+                probs = real_tokens(agent.routing.token_probs, seqs)  # per layer (n, K)
                 stat = token_stats or [(p.detach().mean(0), p.argmax(-1)) for p in probs]
-                extra = a.balance_coef * torch.stack([balance_share(p, P, c, a.balance, n_tok)
-                                                      for p, (P, c) in zip(probs, stat)]).mean()
-                checked["balance"] += extra.detach()
-            (n_resp / tokens * loss + extra).backward()
+                shares = [
+                    balance_share(p, P, c, a.balance, n_tokens) for p, (P, c) in zip(probs, stat)
+                ]
+                balance = a.balance_coef * torch.stack(shares).mean()
+                checked["balance"] += balance.detach()
+            (n_resp / tokens * loss + balance).backward()
         for key in ("pg_loss", "kl", "entropy"):
             checked[key] += stats[key]
         for key, val in stats.items():
             mean[key] += n_resp / tokens * float(val)
-    mean = dict(zip(mean, all_sum(torch.tensor(list(mean.values()), dtype=torch.float64)).tolist()))
+    totals = global_sum(torch.tensor(list(mean.values()), dtype=torch.float64)).tolist()
+    mean = dict(zip(mean, totals))
     mean["ratio_var"] = mean.pop("ratio_sq") - mean.pop("ratio") ** 2
     return mean, checked
 
 
 def drop_unrouted_gradients(experts):
-    """Train only what you route: the gradients of the experts that no forward pass routed to since the minibatch
-    began (on any rank; per layer for token routing) are dropped, so that the optimiser skips them as it skips a
-    separate adapter without a gradient: no AdamW momentum, weight decay or step count moves them."""
-    chosen = all_sum(torch.stack([e.chosen for e in experts]).int()) > 0  # (modules, K)
+    """Train only what you route: the gradients of the experts that no forward pass routed to
+    since the minibatch began (on any rank; per layer for token routing) are dropped, so that the
+    optimiser skips them as it skips a separate adapter without a gradient: no AdamW momentum,
+    weight decay or step count moves them."""
+    chosen = global_sum(torch.stack([e.chosen for e in experts]).int()) > 0  # (modules, K)
     for e, routed in zip(experts, chosen.tolist()):
         for k in range(e.K):
             if not routed[k]:
@@ -923,239 +1317,270 @@ def drop_unrouted_gradients(experts):
 
 
 def optimizer_step(agent, opt):
-    """Sum every rank's share of the gradients (the whole minibatch's gradient on every rank), drop those of unrouted
-    experts, clip each parameter group's norm, stop on a nan or inf before it trains on, step."""
+    """Sum every rank's share of the gradients (the whole minibatch's gradient on every rank), drop
+    those of unrouted experts, clip each parameter group's norm, stop on a nan or inf before it
+    trains on, step."""
     for q in agent.parameters():
-        q.grad = None if q.grad is None else all_sum(q.grad)
+        if q.grad is not None:
+            q.grad = global_sum(q.grad)
     drop_unrouted_gradients(agent.experts)
-    check_finite({f"gradient norm of {g['name']}": nn.utils.clip_grad_norm_(g["params"], agent.args.max_grad_norm)
-                  for g in opt.param_groups})
+    norms = {}
+    for group in opt.param_groups:
+        norm = nn.utils.clip_grad_norm_(group["params"], agent.args.max_grad_norm)
+        norms[f"gradient norm of {group['name']}"] = norm
+    check_finite(norms)
     opt.step()
 
 
-def ppo_update(agent, opt, R, B, tau_state):
-    """--epochs of minibatch PPO over one rollout; experts, router and critic step together. Data parallel: each rank
-    cuts its share R into the minibatches the whole needs; means, statistics and gradients are over all ranks."""
-    a, stats, sizes = agent.args, defaultdict(list), all_gather(len(R["seq"]))
-    for epoch in range(a.epochs):
-        for mb in torch.randperm(len(R["seq"])).tensor_split(min(math.ceil(sum(sizes) / a.minibatch), *sizes)):
-            mb, n = mb.to(agent.device), all_sum(len(mb))
-            opt.zero_grad(set_to_none=True)
-            for e in agent.experts:  # the minibatch's forward passes record the experts they route to
-                e.chosen.zero_()
-            gates, aux, out = step_gates_for(agent, mb, B["k"]), {}, {}
-            if agent.router is not None:
-                tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
-                gates, aux, out = router_losses(agent, R, B, mb, tau)
-            lanes = B["lanes"][mb]
-            v = agent.critic(R["table"][B["windows"][mb]], R["goal_states"][lanes], R["goal_mask"][lanes])[:, 0]
-            v_loss = summed(0.5 * ((v - B["ret"][mb]) ** 2).sum() / n)
-            # the LM's micro-batches see the gates as a leaf cut from the router's graph; their summed gradient goes
-            # through the router once, with the critic's and the router's own terms
-            cut = None if gates is None else gates.detach().requires_grad_(gates.requires_grad)
-            mean, checked = policy_backward(agent, R, B, mb, cut)
-            check_finite({**checked, "value_loss": v_loss, **aux})
-            outs = [(a.vf_coef * v_loss + sum(aux.values()), None)]
-            outs += [(gates, cut.grad)] if cut is not None and cut.grad is not None else []
-            torch.autograd.backward(*zip(*outs))
-            optimizer_step(agent, opt)
+def ppo_minibatch(agent, opt, steps, batch, mb, tau):
+    """One optimiser step on minibatch mb (this rank's steps): the router's losses and gates, the
+    critic's value loss, the policy loss through the LM, backward, step. Returns statistics."""
+    a = agent.args
+    n_steps = global_sum(len(mb))
+    opt.zero_grad(set_to_none=True)
+    for e in agent.experts:  # the minibatch's forward passes record the experts they route to
+        e.chosen.zero_()
+    gates = step_gates_for(agent, mb, batch["k"])
+    router_terms, router_stats = {}, {}
+    if a.step_router:
+        gates, router_terms, router_stats = router_losses(agent, steps, batch, mb, tau)
+    lanes = batch["lanes"][mb]
+    goal, goal_mask = steps["goal_states"][lanes], steps["goal_mask"][lanes]
+    values = agent.critic(steps["table"][batch["windows"][mb]], goal, goal_mask)[:, 0]
+    value_loss = shared_sum(0.5 * ((values - batch["ret"][mb]) ** 2).sum() / n_steps)
+    # The LM's micro-batches see the gates as a leaf cut from the router's graph; their summed
+    # gradient goes through the router once, with the critic's and the router's own terms.
+    gates_leaf = None
+    if gates is not None:
+        gates_leaf = gates.detach().requires_grad_(gates.requires_grad)
+    policy_stats, checked = policy_backward(agent, steps, batch, mb, gates_leaf)
+    check_finite({**checked, "value_loss": value_loss, **router_terms})
+    losses = [a.vf_coef * value_loss + sum(router_terms.values())]
+    grads = [None]
+    if gates_leaf is not None and gates_leaf.grad is not None:
+        losses.append(gates)
+        grads.append(gates_leaf.grad)
+    torch.autograd.backward(losses, grads)
+    optimizer_step(agent, opt)
+    return {**router_stats, **policy_stats, "value_loss": float(value_loss.detach())}
+
+
+def ppo_update(agent, opt, steps, batch, tau_state):
+    """--epochs of minibatch PPO over one rollout; experts, router and critic step together. Data
+    parallel: each rank cuts its share of the steps into the minibatches the whole needs; means,
+    statistics and gradients are over all ranks."""
+    a = agent.args
+    sizes = all_gather(len(steps["seq"]))  # every rank's steps
+    n_minibatches = min(math.ceil(sum(sizes) / a.minibatch), *sizes)
+    stats = defaultdict(list)
+    for _ in range(a.epochs):
+        for mb in torch.randperm(len(steps["seq"])).tensor_split(n_minibatches):
+            tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
+            minibatch_stats = ppo_minibatch(agent, opt, steps, batch, mb.to(agent.device), tau)
             tau_state["updates"] += 1
-            for key, val in {**out, **mean, "value_loss": float(v_loss.detach())}.items():
+            for key, val in minibatch_stats.items():
                 stats[key].append(val)
-    check_finite({f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad})
+    trained = {f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad}
+    check_finite(trained)
     out = {key: float(np.mean(v)) for key, v in stats.items()}
-    v, ret = (torch.cat(all_gather(x.cpu())) for x in (B["values"], B["ret"]))
-    out["explained_variance"] = float("nan") if ret.var() == 0 else float(1 - (ret - v).var() / ret.var())
+    values = torch.cat(all_gather(batch["values"].cpu()))
+    returns = torch.cat(all_gather(batch["ret"].cpu()))
+    out["explained_variance"] = float("nan")
+    if returns.var() != 0:
+        out["explained_variance"] = float(1 - (returns - values).var() / returns.var())
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
     return out
 
 
-def expert_diagnostics(agent, R, B):
-    """The paper's parameter occupancy (its Fig. 1) and gradient conflict, over one rollout at the rollout's parameters
-    (ratio 1): g_k,c is the gradient, w.r.t. expert k's A and B, of the share of the policy loss that the steps of task
-    type c carry (their response tokens / all).
-        occupancy/<k>/<c> = |g_k,c| / sum_c' |g_k,c'|        which task types train expert k
-        conflict/<k>      = mean over pairs c != c' of cos(g_k,c, g_k,c')   (pairs where both are non-zero)"""
-    a, K = agent.args, agent.args.experts[0]
-    params = [p for k in range(K) for e in agent.experts for p in (e.A[k], e.B[k])]  # expert by expert
-    types, tokens = sorted({c for part in all_gather(R["task_type"]) for c in part}), all_sum(sum(R["resp_len"]))
-    g = {}
-    for c in types:
-        acc = [torch.zeros_like(p) for p in params]
-        idx = torch.tensor([i for i, t in enumerate(R["task_type"]) if t == c], dtype=torch.long)
-        for part in idx.split(a.micro_batch or a.minibatch) if len(idx) else []:  # a rank may have no step of c
-            gates = step_gates_for(agent, part.to(agent.device), B["k"])
-            with agent.routing(gates):  # backward inside: --grad_ckpt replays the layers with these gates
-                loss, _, n_resp = policy_loss(agent, R, B, part, gates)
-                acc = [x + y for x, y in zip(acc, torch.autograd.grad(n_resp / tokens * loss, params))]
-        g[c] = all_sum(torch.cat([x.flatten() for x in acc])).view(K, -1)  # (K, n): expert k's A and B, all layers
-    out = {}
-    for k in range(K):
-        norms = {c: float(g[c][k].norm()) for c in types}
-        if sum(norms.values()) == 0:  # an expert no step was routed to
-            continue
-        out.update({f"occupancy/{LETTERS[k]}/{c}": v / sum(norms.values()) for c, v in norms.items()})
-        cos = [float(F.cosine_similarity(g[c][k], g[d][k], dim=0)) for i, c in enumerate(types)
-               for d in types[i + 1:] if norms[c] > 0 and norms[d] > 0]
-        out.update({f"conflict/{LETTERS[k]}": float(np.mean(cos))} if cos else {})  # none: one task type only
+# --- The training loop ----------------------------------------------------------------------------
+def train(args):
+    """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone
+    writes files)."""
+    device, rank = join_processes(args)
+    seed_everything(args.seed)  # the same model, experts, router and critic on every rank
+    agent = Agent(args, device)
+    if args.eval_only or args.export:
+        return use_trained_agent(agent)
+    opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
+    initial_lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    tau_state = {"updates": 0}
+    torch.manual_seed(args.seed + rank)  # and from here one sampling stream per rank
+    start = start_run(args, agent, opt, tau_state)
+    saved = args.resume  # the last good checkpoint
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    if start == 0 and args.eval_every:  # the frozen base's own success: where every routing starts
+        log_metrics(args.out_dir, {"iteration": 0, **report_evaluation(agent, 0, args.tau_start)})
+    lanes = my_lanes(args.num_envs)
+    env_batch = envs.make_env_batch(
+        args.env, len(lanes), args.max_steps, "train", args.alfworld_data
+    )
+    last = {}
+    with contextlib.closing(env_batch):  # workers end with the run, however it ends
+        bar = tqdm(
+            range(start + 1, args.iterations + 1),
+            initial=start,
+            total=args.iterations,
+            desc="PA-MoE",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            disable=rank > 0,
+        )
+        for it in bar:
+            t0 = time.time()
+            anneal_learning_rates(opt, initial_lrs, it, args)
+            tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
+            seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in lanes]
+            steps = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
+            times = {"rollout_s": time.time() - t0}
+            all_steps = gather_steps(steps, lanes)  # every rank's steps, for the statistics
+            evaluating = args.eval_every and (it % args.eval_every == 0 or it == args.iterations)
+            try:  # a nan or inf stops the run before anything of this iteration is written
+                batch = prepare_batch(agent, steps)
+                times["prepare_s"] = time.time() - t0 - times["rollout_s"]
+                diagnostics = {}
+                if evaluating:  # at the rollout's parameters, before the update changes them
+                    diagnostics = expert_diagnostics(agent, steps, batch)
+                stats = {**ppo_update(agent, opt, steps, batch, tau_state), **diagnostics}
+            except NonFiniteError as e:
+                raise non_finite_exit(e, it, saved) from e
+            times["update_s"] = time.time() - t0 - times["rollout_s"] - times["prepare_s"]
+            m = iteration_metrics(it, all_steps, stats, times, args, t0)
+            if evaluating:
+                m.update(report_evaluation(agent, it, stats["tau"]))
+            log_metrics(args.out_dir, m)
+            if it % args.ckpt_every == 0 or it == args.iterations:
+                save_checkpoint(ckpt_path, agent, opt, it, tau_state)
+                saved = ckpt_path
+            bar.set_postfix(
+                success=f"{m['success']:.2f}",
+                ret=f"{m['return']:.1f}",
+                kl=f"{m['kl']:.3f}",
+                switches=f"{m['switches']:.1f}",
+            )
+            last = m
+    return last
+
+
+def anneal_learning_rates(opt, initial_lrs, it, args):
+    """--anneal_lr: each group's rate decays linearly, to lr / iterations in the last iteration."""
+    factor = 1 - (it - 1) / args.iterations if args.anneal_lr else 1
+    for group in opt.param_groups:
+        group["lr"] = initial_lrs[group["name"]] * factor
+
+
+def non_finite_exit(error, it, saved):
+    """The message that stops a run on a nan or inf: nothing of the iteration was written, the last
+    checkpoint is good."""
+    fix = f"continue from the last good checkpoint with --resume {saved}" if saved else "rerun"
+    return SystemExit(
+        f"pamoe.py: error: iteration {it}: {error} is not finite; stopped before writing anything "
+        f"of it. Lower the learning rates (or --max_grad_norm) and {fix}"
+    )
+
+
+# ==================================================================================================
+# Plumbing
+# ==================================================================================================
+
+
+# --- Data parallel (torchrun): each rank steps its share of the lanes; identities in one process --
+def rank_world():
+    """This process's rank and the number of processes, as torchrun sets them; (0, 1) without."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def join_processes(args):
+    """This process's device and rank; under torchrun, join the group of all ranks (CPU tensors
+    over gloo, CUDA tensors over NCCL)."""
+    rank = rank_world()[0]
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo")
+    return device, rank
+
+
+def my_lanes(n):
+    """This rank's contiguous share of n lanes (environments or evaluation episodes)."""
+    rank, world = rank_world()
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def global_sum(x):
+    """A tensor or a number summed over all ranks, without gradient: a global count or total."""
+    if not dist.is_initialized():
+        return x
+    if torch.is_tensor(x):
+        total = x.detach().clone()
+    else:
+        total = torch.tensor(float(x), dtype=torch.float64)
+    dist.all_reduce(total)
+    return total if torch.is_tensor(x) else total.item()
+
+
+def shared_sum(x):
+    """x summed over all ranks, with the gradient of this rank's x only: each rank back-propagates
+    its share of a global loss (x / a global count is its share of a global mean)."""
+    return global_sum(x.detach()) + (x - x.detach())
+
+
+def all_choices(k, K):
+    """Experts chosen (n,) on this rank -> those of all ranks, sorted (what counting them needs)."""
+    counts = global_sum(torch.bincount(k, minlength=K))
+    return torch.arange(K, device=k.device).repeat_interleave(counts)
+
+
+def all_gather(obj):
+    """Every rank's obj (any picklable value), in rank order; [obj] in one process."""
+    out = [obj] * rank_world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
     return out
 
 
-# --- Evaluation: success per task type, expert usage, phase timelines -------------------------------------------------
-EVAL_SEED = 10_000_000
+class NonFiniteError(RuntimeError):
+    """A loss term, gradient norm or parameter became nan or inf: stop before training on it."""
 
 
-def evaluate(agent, tau):
-    """The policy on --eval_episodes fixed episodes of --eval_split (temperature --eval_temperature, argmax router).
-    Returns the eval/* metrics, the tables (text) and this rank's own steps (what --show prints)."""
-    a, lanes = agent.args, my_lanes(agent.args.eval_episodes)  # this rank's share of the fixed episodes
-    env_batch = envs.make_env_batch(a.env, len(lanes), a.max_steps, a.eval_split, a.alfworld_data)
-    # a sampling stream of its own: the same policy always scores the same, and evaluating leaves training untouched
-    with contextlib.closing(env_batch), torch.random.fork_rng([agent.device] if agent.device.type == "cuda" else []):
-        torch.manual_seed(EVAL_SEED + rank_world()[0])
-        mine = rollout(agent, env_batch, [EVAL_SEED + i for i in lanes], tau, a.eval_temperature, greedy_router=True)
-    S, K = gather_steps(mine, lanes), a.experts[0]
-    eps = rollout_stats(S, a.eval_episodes)
-    by_task = {tt: [e for e in eps if e["task_type"] == tt] for tt in envs.TASK_COLUMNS[a.env]}  # paper's order
-    m = episode_metrics(S, eps, K, by_task, "eval/")
-    share = [m[f"eval/expert_share/{LETTERS[k]}"] for k in range(K)]
-    m.update({"eval/phase_nmi": nmi(S["k"], S["phase"]), "eval/task_nmi": nmi(S["k"], S["task_type"]),
-              "eval/share_entropy": -sum(x * math.log(x) for x in share if x > 0)})
-    usage, tables = usage_tables(S, by_task, K)
-    return {**m, **usage}, tables, mine
+def check_finite(named):
+    """Raise NonFiniteError naming the first of {name: tensor} that holds a nan or inf on any rank,
+    on every rank."""
+    bad = torch.stack([~t.detach().isfinite().all() for t in named.values()]).int()
+    finite = (global_sum(bad) == 0).tolist()
+    if not all(finite):
+        raise NonFiniteError(list(named)[finite.index(False)])
 
 
-def usage_tables(S, by_task, K):
-    """Expert usage by task type and by phase, and one phase timeline per task type: eval/usage/* and the text."""
-    lines, m = [], {}
-    for key, col in (("task type", "task_type"), ("phase", "phase")):
-        usage = defaultdict(Counter)
-        for k, label in zip(S["k"], S[col]):
-            usage[label][k] += 1
-        lines.append(f"expert usage by {key} (fraction of steps): " + " ".join(f"{LETTERS[k]:>5}" for k in range(K)))
-        for name, c in sorted(usage.items()):
-            n = sum(c.values())
-            lines.append(f"  {name:<10}" + " ".join(f"{c[k] / n:5.2f}" for k in range(K)) + f"   (n={n})")
-            m.update({f"eval/usage/{name}/{LETTERS[k]}": c[k] / n for k in range(K)} if col == "task_type" else {})
-    code = {}
-    for ph in sorted(set(S["phase"])):  # one letter per phase: its initial, upper-cased if already taken
-        code[ph] = ph[0] if ph[0] not in code.values() else ph[0].upper()
-    lines.append("phase timelines (expert per step, then phase per step: "
-                 + ", ".join(f"{c}={ph}" for ph, c in code.items()) + "):")
-    for tt, es in sorted(by_task.items()):
-        lines += [f"  {tt:<6} {''.join(LETTERS[k] for k in es[0]['experts']):<21} "
-                  f"{''.join(code[p] for p in es[0]['phases']):<21} {'won' if es[0]['won'] else 'lost'}"] if es else []
-    return m, "\n".join(lines)
-
-
-def show_episodes(S, n, routing):
-    """--show: the first n episodes of a rollout's steps S, step by step: observation, the model's response, the
-    action it parses to (or invalid), the step's expert with the router's probabilities, the reward."""
-    lines = []
-    for lane in sorted(set(S["lane"]))[:n]:
-        steps = [i for i, x in enumerate(S["lane"]) if x == lane]
-        lines.append(f"=== episode {lane + 1} ({S['task_type'][steps[0]]}): {S['goal'][steps[0]]}")
-        for i in steps:
-            p = "per token" if routing == "token" else " ".join(f"{x:.2f}" for x in S["router_p"][i])
-            lines += [f"  step {S['t'][i] + 1} observation: {S['obs'][i]}",
-                      f"    response {S['response'][i]!r} -> {S['action'][i] or 'invalid'} | expert "
-                      f"{LETTERS[S['k'][i]]} (router p {p}) | reward {S['reward'][i]:+.1f}"]
-        lines.append(f"  {'won' if any(S['won'][i] for i in steps) else 'lost'} after {len(steps)} steps")
-    return "\n".join(lines)
-
-
-def report_evaluation(agent, it, tau):
-    """Evaluate; rank 0 prints the tables. Training appends them to eval.log; --eval_only prints --show's episodes
-    first and writes the tables to <out_dir>/eval.json, leaving the run's files as they are. Returns eval/* metrics."""
-    a, t = agent.args, time.time()
-    em, tables, mine = evaluate(agent, tau)
-    columns = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items() if k.startswith("eval/success/"))
-    report = f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
-    if rank_world()[0] == 0 and a.eval_only:
-        print((show_episodes(mine, a.show, a.routing) + "\n" if a.show else "") + report)
-        path = os.path.join(a.out_dir, "eval.json")
-        with open(f"{path}.tmp", "w") as f:
-            json.dump({"checkpoint": a.resume, "iteration": it, **{k: getattr(a, k) for k in (
-                "eval_split", "eval_episodes", "eval_temperature")}, "metrics": em, "tables": tables}, f, indent=1)
-        os.replace(f"{path}.tmp", path)
-    elif rank_world()[0] == 0:
-        tqdm.write(report)
-        with open(os.path.join(a.out_dir, "eval.log"), "a") as f:
-            f.write(report + "\n")
-    return {**em, "eval_s": time.time() - t}
-
-
-# --- Using a trained agent: evaluate a checkpoint, export its experts as PEFT LoRA adapters ---------------------------
-def export_experts(agent, folder, it, tau):
-    """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (lora_A (r, in) = A_k.T, lora_B (out, r) =
-    B_k.T, scaled by lora_alpha / r as here), the router with the flags that rebuild
-    it (router.pt), how to use them (README.md), and for `tiny` the frozen base itself (base/)."""
-    from safetensors.torch import save_file
-    a, (K, r) = agent.args, agent.args.experts
-    paths = {id(m): name for name, m in agent.lm.named_modules()}
-    for k in range(K):
-        out = os.path.join(folder, f"expert_{LETTERS[k]}")
-        os.makedirs(out, exist_ok=True)
-        save_file({f"base_model.model.{paths[id(e)]}.lora_{x}.weight": w.T.contiguous() for e in agent.experts
-                   for x, w in (("A", e.A[k]), ("B", e.B[k]))},  # PEFT's lora_A (r, in), lora_B (out, r)
-                  os.path.join(out, "adapter_model.safetensors"))
-        with open(os.path.join(out, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": a.alpha, "target_modules":
-                       sorted(set(a.targets.split(","))), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-                       "use_rslora": False, "use_dora": False, "inference_mode": True,
-                       "base_model_name_or_path": a.model}, f, indent=1)
-    if agent.router is not None:
-        flags = {k: getattr(a, k) for k in ("model", "env", "routing", "num_experts", "router_window", "router_hidden",
-                                            "router_layers", "max_steps", "history", "action_format")}
-        torch.save({"state": agent.router.state_dict(), "flags": flags, "tau": tau, "hidden_size":
-                    agent.lm.config.hidden_size}, os.path.join(folder, "router.pt"))
-    if a.model == "tiny":  # built in code: its weights go with the adapters, without the experts' wrappers
-        trained = {name for name, w in agent.lm.named_parameters() if w.requires_grad}  # experts, token routers
-        weights = {key.replace(".base.", "."): w for key, w in agent.lm.state_dict().items() if key not in trained}
-        agent.lm.save_pretrained(os.path.join(folder, "base"), state_dict=weights)
-        agent.tok.save_pretrained(os.path.join(folder, "base"))
-    base, tiny = ("base", " (pamoe.py's `tiny`: weights in `base/`, tokenizer via PreTrainedTokenizerFast, not "
-                  "AutoTokenizer)") if a.model == "tiny" else (a.model, "")
-    vllm_ranks = [x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r]  # the values vLLM's max_lora_rank takes
-    vllm = (f"with vLLM multi-LoRA (`enable_lora=True, max_loras={K}, max_lora_rank={vllm_ranks[0]}`)" if vllm_ranks
-            else f"with a server that takes rank {r} (vLLM's max_lora_rank stops at 512)")
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(f"""# PA-MoE experts of {a.resume} (iteration {it})
-
-Base `{a.model}`{tiny}; {a.routing} routing; {K} PEFT LoRA adapter(s) `expert_A`..`expert_{LETTERS[K - 1]}`, rank {r},
-alpha {a.alpha}, on {a.targets}. One expert with PEFT:
-
-    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("{base}"), "expert_A")
-
-All experts {vllm}: one adapter per request, the router's choice for that environment step. `router.pt` (phase, trajectory): `state` of
-`pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, sizes and prompt flags in `flags`. It reads
-frozen-base features (adapters off: `pamoe.StepFeatures`) of the last {a.router_window} steps and the goal's token
-states; the step's expert is argmax softmax(logits / {tau:.3f}) (trajectory routing: at the episode's first step only).
-""")
-    print(f"exported {K} expert(s) of {a.resume} (iteration {it}) to {folder}")
-
-
-def use_checkpoint(agent):
-    """--eval_only and --export: the checkpoint's trained agent, used as it is."""
-    a, tau_state = agent.args, {"updates": 0}
-    it = load_checkpoint(a.resume, agent, None, tau_state)
-    tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
-    if a.export and rank_world()[0] == 0:
-        export_experts(agent, a.export, it, tau)
-    return report_evaluation(agent, it, tau) if a.eval_only else {}
-
-
-# --- Checkpoints (atomic) and the training loop -----------------------------------------------------------------------
+# --- Checkpoints (atomic), resume and logs --------------------------------------------------------
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def save_checkpoint(path, agent, opt, iteration, tau_state):
-    """Rank 0 writes the trained state (the same on every rank) and every rank's RNG streams; the others wait."""
-    state = {"trainable": agent.trainable_state(), "optimizer": opt.state_dict(), "iteration": iteration,
-             "tau_updates": tau_state["updates"], "rng": all_gather(rng_state()), "world_size": rank_world()[1],
-             "args": dataclasses.asdict(agent.args)}
+    """Rank 0 writes the trained state (the same on every rank) and every rank's RNG streams; the
+    others wait."""
+    state = {
+        "trainable": agent.trainable_state(),
+        "optimizer": opt.state_dict(),
+        "iteration": iteration,
+        "tau_updates": tau_state["updates"],
+        "rng": all_gather(rng_state()),
+        "world_size": rank_world()[1],
+        "args": dataclasses.asdict(agent.args),
+    }
     if rank_world()[0] == 0:
         tmp = f"{path}.tmp"
         torch.save(state, tmp)
@@ -1164,42 +1589,73 @@ def save_checkpoint(path, agent, opt, iteration, tau_state):
         dist.barrier()
 
 
-# the flags that define what a checkpoint holds (`tiny` builds its frozen base from --env, --seed and the format steps)
-MODEL_FLAGS = ("model", "env", "seed", "tiny_steps", "tiny_prior", "routing", "num_experts", "rank", "dense_rank",
-               "alpha", "targets", "router_hidden", "router_layers")
+# the flags that define what a checkpoint holds (`tiny` builds its base from --env, --seed, ...)
+MODEL_FLAGS = (
+    "model env seed tiny_steps tiny_prior routing num_experts rank dense_rank alpha targets "
+    "router_hidden router_layers"
+).split()
+CHECKPOINT_KEYS = {
+    "trainable",
+    "optimizer",
+    "iteration",
+    "tau_updates",
+    "args",
+    "rng",
+    "world_size",
+}
 
 
 def read_checkpoint(path):
     """The state a checkpoint holds; a file that is none stops the run with the fix."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU tensors
-    except Exception as e:  # whatever these bytes are (or no file at all), they are no checkpoint
+        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states on the CPU
+    except Exception as e:  # whatever these bytes are (or no file at all), no checkpoint
         state = e
-    need(isinstance(state, dict) and {"trainable", "optimizer", "iteration", "tau_updates", "args", "rng",
-                                         "world_size"} <= set(state),
-         f"--resume {path}: not a PA-MoE checkpoint; point it at the checkpoint.pt in a run's --out_dir")
+    need(
+        isinstance(state, dict) and CHECKPOINT_KEYS <= set(state),
+        f"--resume {path}: not a PA-MoE checkpoint; point it at the checkpoint.pt in a run's "
+        f"--out_dir",
+    )
     return state
 
 
 def load_checkpoint(path, agent, opt, tau_state):
-    """The trained state into agent and tau_state; with an optimizer (training goes on) also its state and every
-    rank's RNG streams. Returns the checkpoint's iteration."""
+    """The trained state into agent and tau_state; with an optimizer (training goes on) also its
+    state and every rank's RNG streams. Returns the checkpoint's iteration."""
     state = read_checkpoint(path)
     a = dataclasses.asdict(agent.args)
-    differ = [f"--{k} {state['args'].get(k)} (this run: {a[k]})" for k in MODEL_FLAGS if state["args"].get(k) != a[k]]
-    need(not differ, f"--resume {path} was trained with {', '.join(differ)}; resume with the flags it was trained with")
+    saved_args = state["args"]
+    differ = [
+        f"--{k} {saved_args.get(k)} (this run: {a[k]})"
+        for k in MODEL_FLAGS
+        if saved_args.get(k) != a[k]
+    ]
+    need(
+        not differ,
+        f"--resume {path} was trained with {', '.join(differ)}; resume with the flags it was "
+        f"trained with",
+    )
     shapes = {n: t.shape for n, t in agent.trainable_state().items()}
-    need(shapes == {n: t.shape for n, t in state["trainable"].items()}, f"--resume {path}: its tensors do not fit "
-         f"this model although the flags match (another version of pamoe.py?); start a new run")
+    need(
+        shapes == {n: t.shape for n, t in state["trainable"].items()},
+        f"--resume {path}: its tensors do not fit this model although the flags match (another "
+        f"version of pamoe.py?); start a new run",
+    )
     agent.load_state_dict(state["trainable"], strict=False)
     tau_state["updates"] = state["tau_updates"]
     if opt is None:
         return state["iteration"]
     (rank, world), saved_world = rank_world(), state["world_size"]
-    need(saved_world == world, f"--resume {path} was written by {saved_world} processes and this run has {world}: "
-         f"resume with as many (torchrun --nnodes x --nproc_per_node; plain python for 1)")
-    need(state["iteration"] < agent.args.iterations, f"--resume {path} is at iteration {state['iteration']} already; "
-         f"raise --iterations (now {agent.args.iterations}) to continue, or evaluate it with --eval_only")
+    need(
+        saved_world == world,
+        f"--resume {path} was written by {saved_world} processes and this run has {world}: resume "
+        f"with as many (torchrun --nnodes x --nproc_per_node; plain python for 1)",
+    )
+    need(
+        state["iteration"] < agent.args.iterations,
+        f"--resume {path} is at iteration {state['iteration']} already; raise --iterations (now "
+        f"{agent.args.iterations}) to continue, or evaluate it with --eval_only",
+    )
     opt.load_state_dict(state["optimizer"])
     rng = state["rng"][rank]
     random.setstate(rng["python"])
@@ -1210,34 +1666,41 @@ def load_checkpoint(path, agent, opt, tau_state):
     return state["iteration"]
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def start_run(args, agent, opt, tau_state):
-    """Fresh run: remove the out_dir's old logs. Resume: load the checkpoint and drop what the logs hold of the
-    iterations after it (metrics lines, evaluation reports). Returns the iteration to continue from."""
-    files = {name: os.path.join(args.out_dir, name) for name in ("metrics.jsonl", "eval.log")}
-    start = load_checkpoint(args.resume, agent, opt, tau_state) if args.resume else 0
-    if rank_world()[0] == 0 and not args.resume:
-        for path in files.values():
+    """Fresh run: remove the out_dir's old logs. Resume: load the checkpoint and drop what the logs
+    hold of the iterations after it (metrics lines, evaluation reports). Returns the iteration to
+    continue from."""
+    metrics = os.path.join(args.out_dir, "metrics.jsonl")
+    reports = os.path.join(args.out_dir, "eval.log")
+    start = 0
+    if args.resume:
+        start = load_checkpoint(args.resume, agent, opt, tau_state)
+    if rank_world()[0] != 0:
+        return start
+    if not args.resume:
+        for path in (metrics, reports):
             if os.path.exists(path):
                 os.remove(path)
-    elif rank_world()[0] == 0:
-        keep_until(files["metrics.jsonl"], start, lambda line: json.loads(line)["iteration"])
-        keep_until(files["eval.log"], start, lambda line: int(line.split("]")[0][len("[iteration "):])
-                   if line.startswith("[iteration ") else None)
+    else:
+        keep_until(metrics, start, lambda line: json.loads(line)["iteration"])
+        keep_until(reports, start, report_iteration)
     return start
 
 
+def report_iteration(line):
+    """The iteration an evaluation report of eval.log begins with, None for its other lines."""
+    if not line.startswith("[iteration "):
+        return None
+    return int(line.split("]")[0][len("[iteration ") :])
+
+
 def keep_until(path, start, iteration_of):
-    """Keep the lines of a log that belong to iterations <= start: iteration_of(line) is the iteration a line begins
-    (None: the line belongs to the one before it)."""
+    """Keep the lines of a log that belong to iterations <= start: iteration_of(line) is the
+    iteration a line begins (None: the line belongs to the one before it)."""
     if not os.path.exists(path):
         return
-    kept, it = [], 0
+    kept = []
+    it = 0
     with open(path) as f:
         for line in f:
             begins = iteration_of(line)
@@ -1251,78 +1714,371 @@ def keep_until(path, start, iteration_of):
 def log_metrics(out_dir, m):
     """One line of metrics.jsonl (rank 0)."""
     if rank_world()[0] == 0:
+        line = {k: float(v) if k != "iteration" else v for k, v in m.items()}
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({k: float(v) if k != "iteration" else v for k, v in m.items()}) + "\n")
+            f.write(json.dumps(line) + "\n")
 
 
-def train(args):
-    """One process, or one rank under torchrun (each steps its share of the lanes; rank 0 alone writes files)."""
-    cuda, rank = args.device == "cuda", rank_world()[0]
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ:  # started by torchrun: join the group of all ranks (CUDA tensors over NCCL)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-    seed_everything(args.seed)  # the same model, experts, router and critic on every rank
-    agent = Agent(args, device)
-    if args.eval_only or args.export:
-        return use_checkpoint(agent)
-    opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
-    lrs, tau_state = {g["name"]: g["lr"] for g in opt.param_groups}, {"updates": 0}
-    torch.manual_seed(args.seed + rank)  # and from here one sampling stream per rank
-    start = start_run(args, agent, opt, tau_state)
-    saved, ckpt_path = args.resume, os.path.join(args.out_dir, "checkpoint.pt")  # saved: the last good checkpoint
-    if start == 0 and args.eval_every:  # the frozen base's own success: where every routing mode starts
-        log_metrics(args.out_dir, {"iteration": 0, **report_evaluation(agent, 0, args.tau_start)})
-    lanes, last = my_lanes(args.num_envs), {}
-    env_batch = envs.make_env_batch(args.env, len(lanes), args.max_steps, "train", args.alfworld_data)
-    with contextlib.closing(env_batch):  # workers end with the run, however it ends
-        bar = tqdm(range(start + 1, args.iterations + 1), initial=start, total=args.iterations, desc="PA-MoE",
-                   dynamic_ncols=True, file=sys.stdout, disable=rank > 0)
-        for it in bar:
-            t0 = time.time()
-            for g in opt.param_groups:  # --anneal_lr: linear decay to lr / iterations in the last iteration
-                g["lr"] = lrs[g["name"]] * (1 - (it - 1) / args.iterations if args.anneal_lr else 1)
-            tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
-            seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in lanes]
-            S = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
-            t_roll = time.time() - t0
-            G = gather_steps(S, lanes)  # every rank's steps, for the statistics
-            evaluating = args.eval_every and (it % args.eval_every == 0 or it == args.iterations)
-            try:
-                B = prepare_batch(agent, S)
-                t_prep = time.time() - t0 - t_roll
-                diagnostics = expert_diagnostics(agent, S, B) if evaluating else {}  # before the update changes them
-                stats = {**ppo_update(agent, opt, S, B, tau_state), **diagnostics}
-            except NonFiniteError as e:  # nothing of this iteration is written: the last checkpoint stays good
-                fix = f"continue from the last good checkpoint with --resume {saved}" if saved else "rerun"
-                raise SystemExit(f"pamoe.py: error: iteration {it}: {e} is not finite; stopped before writing anything "
-                                 f"of it. Lower the learning rates (or --max_grad_norm) and {fix}") from e
-            m = {"iteration": it, **episode_metrics(G, rollout_stats(G, args.num_envs), args.experts[0],
-                                                    envs.TASK_COLUMNS[args.env]), **stats,
-                 "resp_len_mean": np.mean(G["resp_len"]), "resp_len_max": max(G["resp_len"]), "env_steps": len(G["k"]),
-                 "rollout_s": t_roll, "prepare_s": t_prep, "update_s": time.time() - t0 - t_roll - t_prep,
-                 "iteration_s": time.time() - t0}
-            m.update(sps=m["env_steps"] / m["iteration_s"], **(report_evaluation(agent, it, stats["tau"]) if evaluating
-                                                               else {}))
-            log_metrics(args.out_dir, m)
-            if it % args.ckpt_every == 0 or it == args.iterations:
-                save_checkpoint(ckpt_path, agent, opt, it, tau_state)
-                saved = ckpt_path
-            bar.set_postfix(success=f"{m['success']:.2f}", ret=f"{m['return']:.1f}", kl=f"{m['kl']:.3f}",
-                            switches=f"{m['switches']:.1f}")
-            last = m
-    return last
+# ==================================================================================================
+# Using a trained agent: metrics, mechanism diagnostics, evaluation, --show, --export
+# ==================================================================================================
 
 
+def gather_steps(steps, lanes):
+    """The per-step lists that statistics read, of every rank's rollout over its `lanes` (lane
+    numbers made global)."""
+    keys = ("lane", "reward", "won", "task_type", "k", "phase", "invalid", "resp_len")
+    mine = {key: steps[key] for key in keys}
+    mine["lane"] = [lanes[n] for n in steps["lane"]]
+    parts = all_gather(mine)
+    return {key: sum((part[key] for part in parts), []) for key in keys}
+
+
+def rollout_stats(steps, N):
+    """Per-episode summaries of N episodes' steps: success, return, length, switches, task type,
+    experts and phases."""
+    episodes = [{"return": 0.0, "won": False, "experts": [], "phases": []} for _ in range(N)]
+    columns = ("lane", "reward", "won", "task_type", "k", "phase")
+    for n, reward, won, task_type, k, phase in zip(*(steps[key] for key in columns)):
+        e = episodes[n]
+        e["return"] += reward
+        e["won"] = e["won"] or won
+        e["task_type"] = task_type
+        e["experts"].append(k)
+        e["phases"].append(phase)
+    for e in episodes:
+        e["steps"] = len(e["experts"])
+        e["switches"] = sum(x != y for x, y in zip(e["experts"], e["experts"][1:]))
+    return episodes
+
+
+def episode_metrics(steps, episodes, K, task_types, prefix=""):
+    """Success (in all and per task type), return, length and expert switches of the episodes, the
+    share of invalid answers among their steps and of steps routed to each expert."""
+    m = {
+        "success": [e["won"] for e in episodes],
+        "return": [e["return"] for e in episodes],
+        "steps": [e["steps"] for e in episodes],
+        "switches": [e["switches"] for e in episodes],
+        "invalid": steps["invalid"],
+    }
+    for task_type in task_types:
+        m[f"success/{task_type}"] = [e["won"] for e in episodes if e["task_type"] == task_type]
+    for k in range(K):
+        m[f"expert_share/{LETTERS[k]}"] = np.equal(steps["k"], k)
+    # a task type no episode drew has no success
+    return {prefix + key: float(np.mean(v)) for key, v in m.items() if len(v)}
+
+
+def iteration_metrics(it, all_steps, stats, times, args, t0):
+    """One line of metrics.jsonl: the training episodes of all ranks, the update's statistics,
+    sizes and times."""
+    episodes = rollout_stats(all_steps, args.num_envs)
+    task_types = envs.TASK_COLUMNS[args.env]
+    m = {"iteration": it}
+    m.update(episode_metrics(all_steps, episodes, args.experts[0], task_types))
+    m.update(stats)
+    m["resp_len_mean"] = np.mean(all_steps["resp_len"])
+    m["resp_len_max"] = max(all_steps["resp_len"])
+    m["env_steps"] = len(all_steps["k"])
+    m.update(times)
+    m["iteration_s"] = time.time() - t0
+    m["sps"] = m["env_steps"] / m["iteration_s"]
+    return m
+
+
+def expert_diagnostics(agent, steps, batch):
+    """The paper's parameter occupancy (its Fig. 1) and gradient conflict, over one rollout at the
+    rollout's parameters (ratio 1): g_k,c is the gradient, w.r.t. expert k's A and B, of the share
+    of the policy loss that the steps of task type c carry (their response tokens / all).
+        occupancy/<k>/<c> = |g_k,c| / sum_c' |g_k,c'|     which task types train expert k
+        conflict/<k> = mean over pairs c != c' of cos(g_k,c, g_k,c')   (pairs of non-zero g)"""
+    a, K = agent.args, agent.args.experts[0]
+    params = [p for k in range(K) for e in agent.experts for p in (e.A[k], e.B[k])]  # by expert
+    types = sorted({c for part in all_gather(steps["task_type"]) for c in part})
+    tokens = global_sum(sum(steps["resp_len"]))
+    g = {}
+    for c in types:
+        acc = [torch.zeros_like(p) for p in params]
+        idx = torch.tensor(
+            [i for i, t in enumerate(steps["task_type"]) if t == c], dtype=torch.long
+        )
+        parts = idx.split(a.micro_batch or a.minibatch) if len(idx) else []  # a rank may have none
+        for part in parts:
+            gates = step_gates_for(agent, part.to(agent.device), batch["k"])
+            with agent.routing(gates):  # backward inside: --grad_ckpt replays with these gates
+                loss, _, n_resp = policy_loss(agent, steps, batch, part, gates)
+                grads = torch.autograd.grad(n_resp / tokens * loss, params)
+                acc = [x + y for x, y in zip(acc, grads)]
+        # (K, n): expert k's A and B in every wrapped linear
+        g[c] = global_sum(torch.cat([x.flatten() for x in acc])).view(K, -1)
+    out = {}
+    for k in range(K):
+        norms = {c: float(g[c][k].norm()) for c in types}
+        total = sum(norms.values())
+        if total == 0:  # an expert no step was routed to
+            continue
+        for c, norm in norms.items():
+            out[f"occupancy/{LETTERS[k]}/{c}"] = norm / total
+        cosines = []
+        for i, c in enumerate(types):
+            for d in types[i + 1 :]:
+                if norms[c] > 0 and norms[d] > 0:
+                    cosines.append(float(F.cosine_similarity(g[c][k], g[d][k], dim=0)))
+        if cosines:  # none: one task type only
+            out[f"conflict/{LETTERS[k]}"] = float(np.mean(cosines))
+    return out
+
+
+def nmi(a, b):
+    """Normalised mutual information I(a; b) / mean(H(a), H(b)) of two labelings of the same items
+    (lists of hashables): 1 for a one-to-one map, 0 for independent labelings or when either is
+    constant."""
+    n, count_a, count_b, count_ab = len(a), Counter(a), Counter(b), Counter(zip(a, b))
+    mi = sum(c / n * math.log(c * n / (count_a[x] * count_b[y])) for (x, y), c in count_ab.items())
+    h = [-sum(c / n * math.log(c / n) for c in count.values()) for count in (count_a, count_b)]
+    return 0.0 if min(h) <= 0 else max(0.0, mi) / (sum(h) / 2)
+
+
+EVAL_SEED = 10_000_000
+
+
+def evaluate(agent, tau):
+    """The policy on --eval_episodes fixed episodes of --eval_split (temperature --eval_temperature,
+    argmax router). Returns the eval/* metrics, the tables (text) and this rank's own steps (what
+    --show prints)."""
+    a = agent.args
+    lanes = my_lanes(a.eval_episodes)  # this rank's share of the fixed episodes
+    env_batch = envs.make_env_batch(a.env, len(lanes), a.max_steps, a.eval_split, a.alfworld_data)
+    seeds = [EVAL_SEED + i for i in lanes]
+    # a sampling stream of its own: the same policy always scores the same, training is untouched
+    devices = [agent.device] if agent.device.type == "cuda" else []
+    with contextlib.closing(env_batch), torch.random.fork_rng(devices):
+        torch.manual_seed(EVAL_SEED + rank_world()[0])
+        mine = rollout(agent, env_batch, seeds, tau, a.eval_temperature, greedy_router=True)
+    steps, K = gather_steps(mine, lanes), a.experts[0]
+    episodes = rollout_stats(steps, a.eval_episodes)
+    by_task = {}  # in the paper's order
+    for task_type in envs.TASK_COLUMNS[a.env]:
+        by_task[task_type] = [e for e in episodes if e["task_type"] == task_type]
+    m = episode_metrics(steps, episodes, K, by_task, "eval/")
+    share = [m[f"eval/expert_share/{LETTERS[k]}"] for k in range(K)]
+    m["eval/phase_nmi"] = nmi(steps["k"], steps["phase"])
+    m["eval/task_nmi"] = nmi(steps["k"], steps["task_type"])
+    m["eval/share_entropy"] = -sum(x * math.log(x) for x in share if x > 0)
+    usage, tables = usage_tables(steps, by_task, K)
+    return {**m, **usage}, tables, mine
+
+
+def usage_tables(steps, by_task, K):
+    """Expert usage by task type and by phase, and one phase timeline per task type: the
+    eval/usage/* metrics and the text."""
+    lines, m = [], {}
+    for key, column in (("task type", "task_type"), ("phase", "phase")):
+        usage = defaultdict(Counter)
+        for k, label in zip(steps["k"], steps[column]):
+            usage[label][k] += 1
+        letters = " ".join(f"{LETTERS[k]:>5}" for k in range(K))
+        lines.append(f"expert usage by {key} (fraction of steps): {letters}")
+        for name, count in sorted(usage.items()):
+            n = sum(count.values())
+            shares = " ".join(f"{count[k] / n:5.2f}" for k in range(K))
+            lines.append(f"  {name:<10}{shares}   (n={n})")
+            if column == "task_type":
+                for k in range(K):
+                    m[f"eval/usage/{name}/{LETTERS[k]}"] = count[k] / n
+    code = {}
+    for phase in sorted(set(steps["phase"])):  # one letter per phase: its initial, upper if taken
+        code[phase] = phase[0] if phase[0] not in code.values() else phase[0].upper()
+    legend = ", ".join(f"{c}={phase}" for phase, c in code.items())
+    lines.append(f"phase timelines (expert per step, then phase per step: {legend}):")
+    for task_type, episodes in sorted(by_task.items()):
+        if not episodes:
+            continue
+        e = episodes[0]
+        experts = "".join(LETTERS[k] for k in e["experts"])
+        phases = "".join(code[p] for p in e["phases"])
+        lines.append(f"  {task_type:<6} {experts:<21} {phases:<21} {'won' if e['won'] else 'lost'}")
+    return m, "\n".join(lines)
+
+
+def show_episodes(steps, n, token_routed):
+    """--show: the first n episodes of a rollout's steps, step by step: observation, the model's
+    response, the action it parses to (or invalid), the step's expert with the router's
+    probabilities, the reward."""
+    lines = []
+    for lane in sorted(set(steps["lane"]))[:n]:
+        mine = [i for i, x in enumerate(steps["lane"]) if x == lane]
+        first = mine[0]
+        lines.append(
+            f"=== episode {lane + 1} ({steps['task_type'][first]}): {steps['goal'][first]}"
+        )
+        for i in mine:
+            p = " ".join(f"{x:.2f}" for x in steps["router_p"][i])
+            if token_routed:
+                p = "per token"
+            lines.append(f"  step {steps['t'][i] + 1} observation: {steps['obs'][i]}")
+            lines.append(
+                f"    response {steps['response'][i]!r} -> {steps['action'][i] or 'invalid'} | "
+                f"expert {LETTERS[steps['k'][i]]} (router p {p}) | reward {steps['reward'][i]:+.1f}"
+            )
+        won = any(steps["won"][i] for i in mine)
+        lines.append(f"  {'won' if won else 'lost'} after {len(mine)} steps")
+    return "\n".join(lines)
+
+
+def report_evaluation(agent, it, tau):
+    """Evaluate; rank 0 prints the tables. Training appends them to eval.log; --eval_only prints
+    --show's episodes first and writes the tables to <out_dir>/eval.json, leaving the run's files
+    as they are. Returns the eval/* metrics."""
+    a, t = agent.args, time.time()
+    em, tables, mine = evaluate(agent, tau)
+    columns = " ".join(
+        f"{k.split('/')[-1]} {v:.2f}" for k, v in em.items() if k.startswith("eval/success/")
+    )
+    report = f"[iteration {it}] eval success: All {em['eval/success']:.2f} {columns}\n{tables}"
+    if rank_world()[0] == 0 and a.eval_only:
+        if a.show:
+            print(show_episodes(mine, a.show, a.token_routed))
+        print(report)
+        result = {"checkpoint": a.resume, "iteration": it}
+        for key in ("eval_split", "eval_episodes", "eval_temperature"):
+            result[key] = getattr(a, key)
+        result.update(metrics=em, tables=tables)
+        path = os.path.join(a.out_dir, "eval.json")
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(f"{path}.tmp", path)
+    elif rank_world()[0] == 0:
+        tqdm.write(report)
+        with open(os.path.join(a.out_dir, "eval.log"), "a") as f:
+            f.write(report + "\n")
+    return {**em, "eval_s": time.time() - t}
+
+
+def export_experts(agent, folder, it, tau):
+    """--export: expert k as a PEFT LoRA adapter in folder/expert_<k>/ (lora_A (r, in) = A_k.T,
+    lora_B (out, r) = B_k.T, scaled by lora_alpha / r as here), the router with the flags that
+    rebuild it (router.pt), how to use them (README.md), and for `tiny` the frozen base (base/)."""
+    from safetensors.torch import save_file
+
+    a, (K, r) = agent.args, agent.args.experts
+    paths = {id(m): name for name, m in agent.lm.named_modules()}
+    for k in range(K):
+        out = os.path.join(folder, f"expert_{LETTERS[k]}")
+        os.makedirs(out, exist_ok=True)
+        tensors = {}
+        for e in agent.experts:  # PEFT's lora_A (r, in), lora_B (out, r)
+            prefix = f"base_model.model.{paths[id(e)]}"
+            tensors[f"{prefix}.lora_A.weight"] = e.A[k].T.contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = e.B[k].T.contiguous()
+        save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": r,
+            "lora_alpha": a.alpha,
+            "target_modules": sorted(set(a.targets.split(","))),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "inference_mode": True,
+            "base_model_name_or_path": a.model,
+        }
+        with open(os.path.join(out, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    if a.step_router:
+        flag_names = (
+            "model env routing num_experts router_window router_hidden router_layers max_steps "
+            "history action_format"
+        ).split()
+        router = {
+            "state": agent.router.state_dict(),
+            "flags": {k: getattr(a, k) for k in flag_names},
+            "tau": tau,
+            "hidden_size": agent.lm.config.hidden_size,
+        }
+        torch.save(router, os.path.join(folder, "router.pt"))
+    if a.model == "tiny":  # built in code: its weights go with the adapters, without the wrappers
+        trained = {name for name, w in agent.lm.named_parameters() if w.requires_grad}
+        weights = {
+            key.replace(".base.", "."): w
+            for key, w in agent.lm.state_dict().items()
+            if key not in trained
+        }
+        agent.lm.save_pretrained(os.path.join(folder, "base"), state_dict=weights)
+        agent.tok.save_pretrained(os.path.join(folder, "base"))
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(export_readme(a, K, r, it, tau))
+    print(f"exported {K} expert(s) of {a.resume} (iteration {it}) to {folder}")
+
+
+def export_readme(a, K, r, it, tau):
+    """The README.md of an export: what it holds and how to load and serve it."""
+    base, tiny = a.model, ""
+    if a.model == "tiny":
+        base = "base"
+        tiny = (
+            " (pamoe.py's `tiny`: weights in `base/`, tokenizer via PreTrainedTokenizerFast, not "
+            "AutoTokenizer)"
+        )
+    vllm_ranks = [x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r]  # max_lora_rank's
+    if vllm_ranks:
+        vllm = (
+            f"with vLLM multi-LoRA (`enable_lora=True, max_loras={K}, "
+            f"max_lora_rank={vllm_ranks[0]}`)"
+        )
+    else:
+        vllm = f"with a server that takes rank {r} (vLLM's max_lora_rank stops at 512)"
+    lines = [
+        f"# PA-MoE experts of {a.resume} (iteration {it})",
+        "",
+        f"Base `{a.model}`{tiny}; {a.routing} routing; {K} PEFT LoRA adapter(s) "
+        f"`expert_A`..`expert_{LETTERS[K - 1]}`, rank {r},",
+        f"alpha {a.alpha}, on {a.targets}. One expert with PEFT:",
+        "",
+        "    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("
+        f'"{base}"), "expert_A")',
+        "",
+        f"All experts {vllm}: one adapter per request, the router's choice for that environment "
+        "step. `router.pt` (phase, trajectory): `state` of",
+        f"`pamoe.StepHead(hidden_size, {K}, router_hidden, router_layers)`, sizes and prompt flags "
+        "in `flags`. It reads",
+        "frozen-base features (adapters off: `pamoe.StepFeatures`) of the last "
+        f"{a.router_window} steps and the goal's token",
+        f"states; the step's expert is argmax softmax(logits / {tau:.3f}) (trajectory routing: at "
+        "the episode's first step only).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def use_trained_agent(agent):
+    """--eval_only and --export: the checkpoint's trained agent, used as it is."""
+    a, tau_state = agent.args, {"updates": 0}
+    it = load_checkpoint(a.resume, agent, None, tau_state)
+    tau = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
+    if a.export and rank_world()[0] == 0:
+        export_experts(agent, a.export, it, tau)
+    if a.eval_only:
+        return report_evaluation(agent, it, tau)
+    return {}
+
+
+# ==================================================================================================
+# main
+# ==================================================================================================
 def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except envs.EnvWorkerError as e:  # metrics lines are whole iterations, checkpoints atomic: nothing half-written
+    except envs.EnvWorkerError as e:  # metrics lines are whole iterations, checkpoints atomic
         ckpt = os.path.join(args.out_dir, "checkpoint.pt")
-        raise SystemExit(f"pamoe.py: error: {e}. The unfinished iteration was not logged and {ckpt} (if any) is "
-                         f"intact: fix or remove that game, then rerun with --resume {ckpt}") from e
+        raise SystemExit(
+            f"pamoe.py: error: {e}. The unfinished iteration was not logged and {ckpt} (if any) is "
+            f"intact: fix or remove that game, then rerun with --resume {ckpt}"
+        ) from e
     finally:
         if dist.is_initialized():  # torchrun's group, which train joined
             dist.destroy_process_group()

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # PA-MoE in one command.
 #   bash run.sh            train. CUDA: ALFWorld + Qwen2.5-1.5B-Instruct (needs the official games: ALFWORLD_DATA);
-#                          CPU: toy env + tiny model (2.5-4 min on 2 cores)
+#                          CPU: toy env + tiny model (README: how long it takes)
 #   bash run.sh preflight  the same preset: one rollout step and one PPO micro-batch at the largest sizes, peak
 #                          memory and time per token, then exit (a GPU user's first command, README)
 #   bash run.sh alfworld   ALFWorld; on CPU: tiny model on the offline mini game set (made once, slow but complete)
 #   bash run.sh test       the test suite
 #   bash run.sh bench      cost of routed experts vs one LoRA -> bench.json (python bench.py --help)
-#   bash run.sh ablation   routing ablation, 5 arms x 8 seeds on the toy env with intervals (~56 min on 2 cores)
+#   bash run.sh ablation   routing ablation, 5 arms x 8 seeds on the toy env with intervals (README: its time)
 #   bash run.sh --flag v   train with extra pamoe.py flags (they override the preset)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,7 +36,7 @@ else
 fi
 
 # glibc keeps freed memory for the next tensor instead of mapping and zeroing fresh pages for each large one:
-# a third of the page faults, the same numbers (time: ~3% in A/B runs on 2 cores, within that machine's noise)
+# fewer page faults, the same numbers
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-33554432}"
 export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-1073741824}"
 

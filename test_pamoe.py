@@ -296,7 +296,8 @@ def test_multi_token_answers_sample_from_the_policy_ppo_scores():
     agent.tok.chat_template = ("{% for m in messages %}user : {{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %} assistant :{% endif %}")
     goals = ["put some apple in shelf 1.", "put a clean apple in shelf 2.", "put a hot apple in countertop 1."]
-    texts = [envs.fit_prompt(agent.tok, agent.args, {"goal": goal, "admissible": ["look"]}, "You see a shelf.", [], 0)
+    texts = [envs.fit_prompt(agent.tok, agent.prompt_format, {"goal": goal, "admissible": ["look"]}, "You see a shelf.",
+                             [], 0)
              for goal in goals]
     assert all(t.startswith("user : You are an agent") and t.endswith("assistant :") for t in texts)
     assert "put a clean apple in shelf 2." in texts[1]
@@ -943,13 +944,13 @@ def test_alfworld_prompt_holds_task_history_and_actions_within_the_limit(mini):
             obs, _, _, _, info = batch.step([cmd])[0]
     finally:
         batch.close()
-    text = envs.fit_prompt(agent.tok, agent.args, info, obs, history, 3)
+    text = envs.fit_prompt(agent.tok, agent.prompt_format, info, obs, history, 3)
     assert info["goal"] in text and f"Action: {history[-1][1]}" in text and f"Action: {history[-2][1]}" in text
     assert f"Action: {history[0][1]}" not in text.split("Current observation")[0].split("step 4")[1]  # last 2 only
     assert all(c in text for c in info["admissible"]) and "<action>" in text
     full = len(agent.tok(text).input_ids)
-    agent.args.max_prompt_tokens = full - 1  # too long: the oldest history goes first
-    short = envs.fit_prompt(agent.tok, agent.args, info, obs, history, 3)
+    shorter = dataclasses.replace(agent.prompt_format, max_prompt_tokens=full - 1)  # the oldest history goes first
+    short = envs.fit_prompt(agent.tok, shorter, info, obs, history, 3)
     assert len(agent.tok(short).input_ids) <= full - 1 and f"Action: {history[-1][1]}" in short
 
 
