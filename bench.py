@@ -1,34 +1,55 @@
-"""bench.py: what phase-routed LoRA experts cost, and the paper's routing-granularity ablation in miniature.
+"""bench.py: what phase-routed LoRA experts cost, and the paper's routing-granularity ablation in
+miniature.
 
 Run:
-    python bench.py                 # timing table (CPU: tiny + mid model; CUDA: + Qwen2.5-1.5B's shape) -> bench.json
-    python bench.py ablation        # one LoRA (rank r and K*r), trajectory, token, phase routing x seeds 1-8 on
-                                    # the demo's settings, 2 runs at a time -> runs/ablation/ablation.md, with 95%
-                                    # bootstrap intervals, phase against every arm, occupancy and conflict
+    python bench.py                 # timing table (CPU: tiny + mid model; CUDA: + Qwen2.5-1.5B's
+    shape) -> bench.json
+    python bench.py ablation        # one LoRA (rank r and K*r), trajectory, token, phase routing x
+    seeds 1-8 on
+                                    # the demo's settings, 2 runs at a time ->
+                                    runs/ablation/ablation.md, with 95%
+                                    # bootstrap intervals, phase against every arm, occupancy and
+                                    conflict
     bash run.sh bench | ablation    # the same, in the project's environment
     python bench.py ablation --info_coef 0   # flags bench.py does not know go to every pamoe.py run
-    python bench.py memory          # activation bytes per token of one PPO micro-batch on Qwen2.5-1.5B's shape
-                                    # (CPU, random bf16 weights), with and without --grad_ckpt; the GPU table
-    python bench.py preflight [pamoe.py flags]   # one rollout step and one PPO micro-batch at the largest sizes the
-                                    # flags allow: peak memory and time, before a GPU run (bash run.sh preflight)
-    python bench.py probe [--checkpoint runs/pamoe/checkpoint.pt]   # can the router's input tell the hidden
-                                    # phases (and task types) apart? linear probes on its frozen step features
+    python bench.py memory          # activation bytes per token of one PPO micro-batch on
+    Qwen2.5-1.5B's shape
+                                    # (CPU, random bf16 weights), with and without --grad_ckpt; the
+                                    GPU table
+    python bench.py preflight [pamoe.py flags]   # one rollout step and one PPO micro-batch at the
+    largest sizes the
+                                    # flags allow: peak memory and time, before a GPU run (bash
+                                    run.sh preflight)
+    python bench.py probe [--checkpoint runs/pamoe/checkpoint.pt]   # can the router's input tell
+    the hidden
+                                    # phases (and task types) apart? linear probes on its frozen
+                                    step features
 
 Timing rows (medians over --repeats after --warmup, all measured in the same run):
-- fwd+bwd of a fixed batch (next-token loss on random token ids) through: the frozen base (its backward reaches the
-  input embeddings, so it pays the activation gradients an adapter pays); base + one LoRA of rank r; base + K
-  routed experts of rank r in our stacked pass (sequence i uses expert i mod K, all in one pass); base + K experts
-  done as K masked full passes (one fwd+bwd of the whole batch per expert through a rank-r adapter, the loss
-  masked to that expert's sequences: separate per-expert adapters, as in the released code). Ratios are to one
+- fwd+bwd of a fixed batch (next-token loss on random token ids) through: the frozen base (its
+backward reaches the
+  input embeddings, so it pays the activation gradients an adapter pays); base + one LoRA of rank r;
+  base + K
+  routed experts of rank r in our stacked pass (sequence i uses expert i mod K, all in one pass);
+  base + K experts
+  done as K masked full passes (one fwd+bwd of the whole batch per expert through a rank-r adapter,
+  the loss
+  masked to that expert's sequences: separate per-expert adapters, as in the released code). Ratios
+  are to one
   LoRA.
-- generation: sampled tokens/s of one batch (fixed length, no EOS), base vs K routed experts; env steps/s of one
-  toy-env rollout (`tiny` only: the other sizes have no tokenizer) with the experts off vs on (the phase router
-  and the frozen step features run in both). The agent rows run in pamoe's own dtype (`tiny`: float32).
+- generation: sampled tokens/s of one batch (fixed length, no EOS), base vs K routed experts; env
+steps/s of one
+  toy-env rollout (`tiny` only: the other sizes have no tokenizer) with the experts off vs on (the
+  phase router
+  and the frozen step features run in both). The agent rows run in pamoe's own dtype (`tiny`:
+  float32).
 - PPO update: tokens through fwd+bwd per second in one update over one toy rollout (`tiny`).
-- peak memory of each row: CUDA max_memory_allocated; CPU the process's peak resident set during the row (it
+- peak memory of each row: CUDA max_memory_allocated; CPU the process's peak resident set during the
+row (it
   includes the model and everything loaded before).
-Models are built from configs with random weights (no download); `qwen2.5-1.5b` has Qwen2.5-1.5B's real shape.
-"""
+Models are built from configs with random weights (no download); `qwen2.5-1.5b` has Qwen2.5-1.5B's
+real shape."""
+
 import argparse
 import contextlib
 import json
@@ -48,10 +69,13 @@ import torch.nn.functional as F
 import envs
 import pamoe
 
-# Qwen2 shapes: hidden, intermediate, layers, heads, kv heads, vocab; fwd+bwd batch: sequences x tokens
-SIZES = {"tiny": dict(batch=(8, 256)),  # envs.build_tiny, the CI and CPU-demo model
-         "mid": dict(shape=(512, 1408, 8, 8, 2, 32000), batch=(8, 256)),
-         "qwen2.5-1.5b": dict(shape=(1536, 8960, 28, 12, 2, 151936), batch=(4, 1024))}
+# Qwen2 shapes: hidden, intermediate, layers, heads, kv heads, vocab; fwd+bwd batch: sequences x
+# tokens
+SIZES = {
+    "tiny": dict(batch=(8, 256)),  # envs.build_tiny, the CI and CPU-demo model
+    "mid": dict(shape=(512, 1408, 8, 8, 2, 32000), batch=(8, 256)),
+    "qwen2.5-1.5b": dict(shape=(1536, 8960, 28, 12, 2, 151936), batch=(4, 1024)),
+}
 
 
 def build(size, device, dtype):
@@ -60,18 +84,33 @@ def build(size, device, dtype):
         model = envs.build_tiny(envs.vocabulary(), seed=0)[0]
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
+
         d, inter, layers, heads, kv, vocab = SIZES[size]["shape"]
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768, rope_theta=1e6,
-            rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=vocab,
+                hidden_size=d,
+                intermediate_size=inter,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=kv,
+                max_position_embeddings=32768,
+                rope_theta=1e6,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+                pad_token_id=0,
+            )
+        )
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def attach(model, routing, K, rank):
-    """pamoe's experts on the model: routing 'dense' gives one LoRA, 'phase' K step-routed experts."""
-    return pamoe.attach_experts(model, pamoe.Args(routing=routing, num_experts=K, rank=rank, alpha=2.0 * rank))[0]
+    """pamoe's experts on the model: routing 'dense' gives one LoRA, 'phase' K step-routed
+    experts."""
+    return pamoe.attach_experts(
+        model, pamoe.Args(routing=routing, num_experts=K, rank=rank, alpha=2.0 * rank)
+    )[0]
 
 
 def detach(model):
@@ -83,7 +122,8 @@ def detach(model):
 
 
 class PeakMemory:
-    """Peak memory while the block runs: the CUDA allocator's peak, or on CPU the resident set, sampled."""
+    """Peak memory while the block runs: the CUDA allocator's peak, or on CPU the resident set,
+    sampled."""
 
     def __init__(self, device):
         self.device, self.peak = device, 0
@@ -118,7 +158,8 @@ class PeakMemory:
 
 
 def measure(fn, device, warmup, repeats):
-    """Median seconds of fn() over `repeats` calls after `warmup` calls, and the peak memory during them."""
+    """Median seconds of fn() over `repeats` calls after `warmup` calls, and the peak memory during
+    them."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -136,7 +177,9 @@ def measure(fn, device, warmup, repeats):
 def bench_model(size, device, dtype, K, rank, warmup, repeats, gen_tokens):
     model = build(size, device, dtype)
     nseq, ntok = SIZES[size]["batch"]
-    ids = torch.randint(3, model.config.vocab_size, (nseq, ntok), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        3, model.config.vocab_size, (nseq, ntok), generator=torch.Generator().manual_seed(0)
+    )
     ids = ids.to(device)
     expert_of = torch.arange(nseq, device=device) % K  # sequence i -> expert i mod K
     rows = []
@@ -147,16 +190,22 @@ def bench_model(size, device, dtype, K, rank, warmup, repeats, gen_tokens):
         rows.append(dict(size=size, what=what, seconds=sec, per_s=units / sec, peak_bytes=peak))
 
     def fwd_bwd(routing, passes, embed_grad=False):
-        """passes: [(gates (B, 1, K) or None for experts off, rows whose loss counts or None for all)]"""
+        """passes: [(gates (B, 1, K) or None for experts off, rows whose loss counts or None for
+        all)]"""
+
         def run():
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(embed_grad)
             for gates, sel in passes:
                 with routing(gates) if gates is not None else contextlib.nullcontext():
                     logits = model(inputs_embeds=embeds).logits[:, :-1].float()  # (B, T-1, V)
-                    loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)  # (B,)
+                    # (B,)
+                    loss = F.cross_entropy(
+                        logits.transpose(1, 2), ids[:, 1:], reduction="none"
+                    ).mean(1)
                     (loss.mean() if sel is None else loss[sel].mean()).backward()
             for p in model.parameters():
                 p.grad = None
+
         return run
 
     def onehot(k):  # (B, 1, K) gates of experts k (B,)
@@ -165,31 +214,54 @@ def bench_model(size, device, dtype, K, rank, warmup, repeats, gen_tokens):
     routing, on = attach(model, "dense", K, rank), torch.ones(nseq, 1, 1, device=device)
     row("fwd+bwd: frozen base", fwd_bwd(routing, [(None, None)], embed_grad=True), nseq * ntok)
     row(f"fwd+bwd: base + one LoRA (r={rank})", fwd_bwd(routing, [(on, None)]), nseq * ntok)
-    # K separate rank-r adapters cost what K passes of one rank-r adapter cost, each loss masked to its sequences
-    row(f"fwd+bwd: base + {K} experts, {K} masked full passes",
-        fwd_bwd(routing, [(on, expert_of == k) for k in range(K)]), nseq * ntok)
+    # K separate rank-r adapters cost what K passes of one rank-r adapter cost, each loss masked to
+    # its sequences
+    row(
+        f"fwd+bwd: base + {K} experts, {K} masked full passes",
+        fwd_bwd(routing, [(on, expert_of == k) for k in range(K)]),
+        nseq * ntok,
+    )
     detach(model)
     routing = attach(model, "phase", K, rank)
-    row(f"fwd+bwd: base + {K} routed experts, one stacked pass (ours)",
-        fwd_bwd(routing, [(onehot(expert_of), None)]), nseq * ntok)
+    row(
+        f"fwd+bwd: base + {K} routed experts, one stacked pass (ours)",
+        fwd_bwd(routing, [(onehot(expert_of), None)]),
+        nseq * ntok,
+    )
 
     prompt = ids[:, :128]
-    cfg = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
-               pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(prompt))
-    row("generate: base (tokens/s)", lambda: model.generate(prompt, **cfg), nseq * gen_tokens, grad=False)
+    cfg = dict(
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=gen_tokens,
+        min_new_tokens=gen_tokens,
+        pad_token_id=0,
+        eos_token_id=None,
+        attention_mask=torch.ones_like(prompt),
+    )
+    row(
+        "generate: base (tokens/s)",
+        lambda: model.generate(prompt, **cfg),
+        nseq * gen_tokens,
+        grad=False,
+    )
 
     def routed_generate():
         with routing(onehot(expert_of)):
             model.generate(prompt, **cfg)
+
     row(f"generate: {K} routed experts (tokens/s)", routed_generate, nseq * gen_tokens, grad=False)
     detach(model)
     return rows
 
 
 def bench_agent(device, K, rank, warmup, repeats):
-    """The `tiny` agent on the toy env: env steps/s of a rollout (experts off vs routed), one PPO update."""
-    args = pamoe.parse_args(["--device", device.type, "--tiny_steps", "0", "--num_experts", str(K),
-                             "--rank", str(rank)])
+    """The `tiny` agent on the toy env: env steps/s of a rollout (experts off vs routed), one PPO
+    update."""
+    args = pamoe.parse_args(
+        ["--device", device.type, "--tiny_steps", "0", "--num_experts", str(K), "--rank", str(rank)]
+    )
     torch.manual_seed(0)
     agent = pamoe.Agent(args, device)
     env_batch = envs.make_env_batch("toy", args.num_envs, args.max_steps)
@@ -198,51 +270,107 @@ def bench_agent(device, K, rank, warmup, repeats):
 
     def play(agent_routing, steps):
         def run():
-            agent.routing = agent_routing  # a Routing the expert modules do not read leaves them off
-            steps.append(len(pamoe.rollout(agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False)["k"]))
+            # a Routing the expert modules do not read leaves them off
+            agent.routing = agent_routing
+            steps.append(
+                len(
+                    pamoe.rollout(
+                        agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False
+                    )["k"]
+                )
+            )
+
         return run
 
     shared = agent.routing
-    for what, r in (("rollout: phase router, experts off (env steps/s)", pamoe.Routing()),
-                    (f"rollout: phase router + {K} experts (env steps/s)", shared)):
+    for what, r in (
+        ("rollout: phase router, experts off (env steps/s)", pamoe.Routing()),
+        (f"rollout: phase router + {K} experts (env steps/s)", shared),
+    ):
         steps = []
         sec, peak = measure(play(r, steps), device, warmup, repeats)
-        rows.append(dict(size="tiny", what=what, seconds=sec, per_s=statistics.median(steps) / sec, peak_bytes=peak))
+        rows.append(
+            dict(
+                size="tiny",
+                what=what,
+                seconds=sec,
+                per_s=statistics.median(steps) / sec,
+                peak_bytes=peak,
+            )
+        )
     agent.routing = shared
     R = pamoe.rollout(agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False)
     B = pamoe.prepare_batch(agent, R)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=args.weight_decay)
     sec, peak = measure(lambda: pamoe.prepare_batch(agent, R), device, warmup, repeats)
-    rows.append(dict(size="tiny", what="old + reference log-probs, values, GAE (env steps/s)", seconds=sec,
-                     per_s=len(R["seq"]) / sec, peak_bytes=peak))
-    sec, peak = measure(lambda: pamoe.ppo_update(agent, opt, R, B, {"updates": 0}), device, warmup, repeats)
+    rows.append(
+        dict(
+            size="tiny",
+            what="old + reference log-probs, values, GAE (env steps/s)",
+            seconds=sec,
+            per_s=len(R["seq"]) / sec,
+            peak_bytes=peak,
+        )
+    )
+    sec, peak = measure(
+        lambda: pamoe.ppo_update(agent, opt, R, B, {"updates": 0}), device, warmup, repeats
+    )
     tokens = args.epochs * sum(len(s) for s in R["seq"])
-    rows.append(dict(size="tiny", what="PPO update (fwd+bwd tokens/s)", seconds=sec, per_s=tokens / sec,
-                     peak_bytes=peak))
+    rows.append(
+        dict(
+            size="tiny",
+            what="PPO update (fwd+bwd tokens/s)",
+            seconds=sec,
+            per_s=tokens / sec,
+            peak_bytes=peak,
+        )
+    )
 
-    def heads():  # the part of that update spent in the router (this and the next step) and the critic
+    # the part of that update spent in the router (this and the next step) and the critic
+    def heads():
         for _ in range(args.epochs):
             for mb in torch.randperm(len(R["seq"])).split(args.minibatch):
                 w, lanes = B["windows"][mb], B["lanes"][mb]
-                out = agent.router(R["table"][torch.cat([w, w])], R["goal_states"][lanes.repeat(2)],
-                                   R["goal_mask"][lanes.repeat(2)]).sum()
-                (out + agent.critic(R["table"][w], R["goal_states"][lanes], R["goal_mask"][lanes]).sum()).backward()
+                out = agent.router(
+                    R["table"][torch.cat([w, w])],
+                    R["goal_states"][lanes.repeat(2)],
+                    R["goal_mask"][lanes.repeat(2)],
+                ).sum()
+                (
+                    out
+                    + agent.critic(
+                        R["table"][w], R["goal_states"][lanes], R["goal_mask"][lanes]
+                    ).sum()
+                ).backward()
+
     sec, peak = measure(heads, device, warmup, repeats)
-    rows.append(dict(size="tiny", what="  of which router + critic fwd+bwd (env steps/s)", seconds=sec,
-                     per_s=args.epochs * len(R["seq"]) / sec, peak_bytes=peak))
+    rows.append(
+        dict(
+            size="tiny",
+            what="  of which router + critic fwd+bwd (env steps/s)",
+            seconds=sec,
+            per_s=args.epochs * len(R["seq"]) / sec,
+            peak_bytes=peak,
+        )
+    )
     env_batch.close()
     return rows
 
 
 def bench_table(rows):
-    lines = [f"{'model':<13} {'measurement':<58} {'seconds':>9} {'per second':>11} {'vs 1 LoRA':>9} {'peak MiB':>9}"]
+    lines = [
+        f"{'model':<13} {'measurement':<58} {'seconds':>9} {'per second':>11} {'vs 1 LoRA':>9} "
+        f"{'peak MiB':>9}"
+    ]
     for r in rows:
         if r["seconds"] is None:
             lines.append(f"{r['size']:<13} {r['what']:<58} {'not measured (needs CUDA)':>41}")
             continue
         ratio = f"{r['vs_one_lora']:.2f}x" if "vs_one_lora" in r else ""
-        lines.append(f"{r['size']:<13} {r['what']:<58} {r['seconds']:>9.4f} {r['per_s']:>11.0f} {ratio:>9} "
-                     f"{r['peak_bytes'] / 2**20:>9.0f}")
+        lines.append(
+            f"{r['size']:<13} {r['what']:<58} {r['seconds']:>9.4f} {r['per_s']:>11.0f} {ratio:>9} "
+            f"{r['peak_bytes'] / 2**20:>9.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -259,8 +387,9 @@ def bench(opts):
         if size == "qwen2.5-1.5b" and device.type != "cuda":
             rows.append(dict(size=size, what="all rows", seconds=None))
             continue
-        model_rows = bench_model(size, device, dtype, opts.experts, opts.rank, opts.warmup, opts.repeats,
-                                 opts.gen_tokens)
+        model_rows = bench_model(
+            size, device, dtype, opts.experts, opts.rank, opts.warmup, opts.repeats, opts.gen_tokens
+        )
         lora = next(r["seconds"] for r in model_rows if "one LoRA" in r["what"])
         for r in model_rows:
             if r["what"].startswith("fwd+bwd"):
@@ -268,28 +397,46 @@ def bench(opts):
         rows += model_rows
         if size == "tiny":
             rows += bench_agent(device, opts.experts, opts.rank, opts.warmup, opts.repeats)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    report = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "K": opts.experts,
-              "rank": opts.rank, "repeats": opts.repeats, "warmup": opts.warmup, "seconds_total": time.time() - t0,
-              "rows": rows}
-    print(f"bench.py on {name}, K={opts.experts}, r={opts.rank}, median of {opts.repeats} after {opts.warmup} "
-          f"warm-up ({report['seconds_total']:.0f} s in all)")
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    report = {
+        "device": name,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "K": opts.experts,
+        "rank": opts.rank,
+        "repeats": opts.repeats,
+        "warmup": opts.warmup,
+        "seconds_total": time.time() - t0,
+        "rows": rows,
+    }
+    print(
+        f"bench.py on {name}, K={opts.experts}, r={opts.rank}, median of {opts.repeats} after "
+        f"{opts.warmup} "
+        f"warm-up ({report['seconds_total']:.0f} s in all)"
+    )
     print(bench_table(rows))
     with open(opts.out, "w") as f:
         json.dump(report, f, indent=1)
     return report
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The memory model: what one PPO micro-batch keeps for backward, measured on CPU; the GPU table derived from it
-# ---------------------------------------------------------------------------------------------------------
-GIB = 2 ** 30
+# --------------------------------------------------------------------------------------------------
+# The memory model: what one PPO micro-batch keeps for backward, measured on CPU; the GPU table
+# derived from it
+# --------------------------------------------------------------------------------------------------
+GIB = 2**30
 
 
 def saved_bytes(model, fn):
-    """Bytes autograd keeps for backward while fn() runs, which is what a GPU holds between a micro-batch's forward
-    and its backward: every saved tensor's storage once, the model's own parameters and buffers not counted (frozen
-    weights are kept to compute input gradients, but they are there anyway). Returns (bytes, fn())."""
+    """Bytes autograd keeps for backward while fn() runs, which is what a GPU holds between a
+    micro-batch's forward
+    and its backward: every saved tensor's storage once, the model's own parameters and buffers not
+    counted (frozen weights are kept to compute input gradients, but they are there anyway). Returns
+    (bytes, fn())."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     kept = {}
 
@@ -297,62 +444,109 @@ def saved_bytes(model, fn):
         if t.untyped_storage().data_ptr() not in own:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(kept.values()), out
 
 
 def qwen_1p5b(layers):
-    """Qwen2.5-1.5B-Instruct's config written out (no download), with `layers` decoder layers, random bf16 weights."""
+    """Qwen2.5-1.5B-Instruct's config written out (no download), with `layers` decoder layers,
+    random bf16 weights."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # initialised in bf16: 3 GB at 28 layers, not 6
     try:
-        return Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
-            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
-            rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=151643)).eval().requires_grad_(False)
+        return (
+            Qwen2ForCausalLM(
+                Qwen2Config(
+                    vocab_size=151936,
+                    hidden_size=1536,
+                    intermediate_size=8960,
+                    num_hidden_layers=layers,
+                    num_attention_heads=12,
+                    num_key_value_heads=2,
+                    max_position_embeddings=32768,
+                    rope_theta=1e6,
+                    rms_norm_eps=1e-6,
+                    tie_word_embeddings=True,
+                    pad_token_id=151643,
+                )
+            )
+            .eval()
+            .requires_grad_(False)
+        )
     finally:
         torch.set_default_dtype(torch.float32)
 
 
 def micro_batch_bytes(model, routing, K, T, R):
-    """One sequence of T tokens whose last R are the response, through pamoe's PPO forward (the experts' LoRA path,
-    the chunked log-probs and entropies): (bytes kept by the decoder, bytes kept by the log-prob head, seconds of
-    forward + backward)."""
-    ids = torch.randint(3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+    """One sequence of T tokens whose last R are the response, through pamoe's PPO forward (the
+    experts' LoRA path, the chunked log-probs and entropies): (bytes kept by the decoder, bytes kept
+    by the log-prob head, seconds of forward + backward)."""
+    ids = torch.randint(
+        3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)
+    )
     gates = F.one_hot(torch.tensor([1]), K).float()[:, None]
     t = time.perf_counter()
-    with routing(gates):  # backward inside the routing, as ppo_update does (--grad_ckpt replays layers there)
-        body, hidden = saved_bytes(model, lambda: model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
-        pos = torch.arange(T - R - 1, T - 1)  # the positions that predict the response, gathered as pamoe does
-        head, out = saved_bytes(model, lambda: pamoe.token_logp_entropy(
-            hidden[0, pos], model.get_output_embeddings(), ids[0, pos + 1], 1.0))
+    # backward inside the routing, as ppo_update does (--grad_ckpt replays layers there)
+    with routing(gates):
+        body, hidden = saved_bytes(
+            model, lambda: model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        )
+        # the positions that predict the response, gathered as pamoe does
+        pos = torch.arange(T - R - 1, T - 1)
+        head, out = saved_bytes(
+            model,
+            lambda: pamoe.token_logp_entropy(
+                hidden[0, pos], model.get_output_embeddings(), ids[0, pos + 1], 1.0
+            ),
+        )
         out.sum().backward()
     return body, head, time.perf_counter() - t
 
 
 def memory(opts):
-    """Measure the bytes per token a micro-batch keeps for backward at two layer counts and two lengths, with and
-    without --grad_ckpt; extrapolate per layer to 28 layers; derive the largest --micro_batch per GPU size."""
-    layer_counts, lengths = sorted(int(x) for x in opts.layers.split(",")), [int(x) for x in opts.lengths.split(",")]
+    """Measure the bytes per token a micro-batch keeps for backward at two layer counts and two
+    lengths, with and without --grad_ckpt; extrapolate per layer to 28 layers; derive the largest
+    --micro_batch per GPU size."""
+    layer_counts, lengths = (
+        sorted(int(x) for x in opts.layers.split(",")),
+        [int(x) for x in opts.lengths.split(",")],
+    )
     rows, sizes, t0 = [], {}, time.time()
     for layers in layer_counts:
         model = qwen_1p5b(layers)
         routing = attach(model, "phase", opts.experts, opts.rank)
         if not sizes:  # parameter counts, from the model itself
             layer0 = list(model.model.layers[0].parameters())
-            sizes = {"layer": sum(p.numel() for p in layer0 if not p.requires_grad),
-                     "experts_per_layer": sum(p.numel() for p in layer0 if p.requires_grad),
-                     "embedding": sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n),
-                     "router_and_critic": sum(p.numel() for out in (opts.experts, 1) for p in pamoe.StepHead(
-                         model.config.hidden_size, out, 256, 3).parameters())}
-            h = torch.randn(pamoe.LOGIT_CHUNK, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+            sizes = {
+                "layer": sum(p.numel() for p in layer0 if not p.requires_grad),
+                "experts_per_layer": sum(p.numel() for p in layer0 if p.requires_grad),
+                "embedding": sum(
+                    p.numel() for n, p in model.named_parameters() if ".layers." not in n
+                ),
+                "router_and_critic": sum(
+                    p.numel()
+                    for out in (opts.experts, 1)
+                    for p in pamoe.StepHead(model.config.hidden_size, out, 256, 3).parameters()
+                ),
+            }
+            h = torch.randn(
+                pamoe.LOGIT_CHUNK,
+                model.config.hidden_size,
+                dtype=torch.bfloat16,
+                requires_grad=True,
+            )
             y = torch.randint(model.config.vocab_size, (pamoe.LOGIT_CHUNK,))
-            real, pamoe.checkpoint = pamoe.checkpoint, lambda fn, *args, **kwargs: fn(*args)  # one chunk, unchecked
+            lm_head = model.get_output_embeddings()
+            real = pamoe.checkpoint
+            pamoe.checkpoint = lambda fn, *args, **kwargs: fn(*args)  # one chunk, unchecked
             try:
-                sizes["logits_chunk_saved"] = saved_bytes(model, lambda: pamoe.token_logp_entropy(
-                    h, model.get_output_embeddings(), y, 1.0))[0]
+                sizes["logits_chunk_saved"] = saved_bytes(
+                    model, lambda: pamoe.token_logp_entropy(h, lm_head, y, 1.0)
+                )[0]
             finally:
                 pamoe.checkpoint = real
         for ckpt in (False, True):
@@ -360,80 +554,157 @@ def memory(opts):
                 pamoe.checkpoint_layers(model)
             for T in lengths:
                 body, head, sec = micro_batch_bytes(model, routing, opts.experts, T, opts.response)
-                rows.append(dict(layers=layers, T=T, R=opts.response, grad_ckpt=ckpt, body_bytes=body,
-                                 head_per_response_token=head / opts.response, seconds=sec))
-                print(f"{layers:>3} layers, {T:>5} tokens ({opts.response} response), --grad_ckpt {str(ckpt):<5}: "
-                      f"decoder keeps {body / T / 1024:7.1f} KiB/token, log-prob head "
-                      f"{head / opts.response / 1024:5.1f} KiB/response token; fwd+bwd {sec:5.1f} s", flush=True)
+                rows.append(
+                    dict(
+                        layers=layers,
+                        T=T,
+                        R=opts.response,
+                        grad_ckpt=ckpt,
+                        body_bytes=body,
+                        head_per_response_token=head / opts.response,
+                        seconds=sec,
+                    )
+                )
+                print(
+                    f"{layers:>3} layers, {T:>5} tokens ({opts.response} response), --grad_ckpt "
+                    f"{str(ckpt):<5}: "
+                    f"decoder keeps {body / T / 1024:7.1f} KiB/token, log-prob head "
+                    f"{head / opts.response / 1024:5.1f} KiB/response token; fwd+bwd {sec:5.1f} s",
+                    flush=True,
+                )
         del model, routing
     derived = derive(rows, sizes, opts)
     with open(opts.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "K": opts.experts, "rank": opts.rank,
-                   "seconds_total": time.time() - t0, "rows": rows, "sizes": sizes, **derived}, f, indent=1)
+        json.dump(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "torch": torch.__version__,
+                "K": opts.experts,
+                "rank": opts.rank,
+                "seconds_total": time.time() - t0,
+                "rows": rows,
+                "sizes": sizes,
+                **derived,
+            },
+            f,
+            indent=1,
+        )
     print(f"({time.time() - t0:.0f} s; rows and table in {opts.out})")
     return derived
 
 
 def derive(rows, sizes, opts):
-    """Per-layer fit of the measured bytes, extrapolated to Qwen2.5-1.5B's 28 layers, and the largest --micro_batch
-    whose PPO step fits each GPU size at the given lengths. Every GPU figure here is derived, not measured on a GPU."""
-    L, V, kv_width, inter = 28, 151936, 2 * 128, 8960  # layers, vocabulary, K/V width (2 heads x 128), MLP width
-    lo, hi, T = min(r["layers"] for r in rows), max(r["layers"] for r in rows), max(r["T"] for r in rows)
+    """Per-layer fit of the measured bytes, extrapolated to Qwen2.5-1.5B's 28 layers, and the
+    largest --micro_batch whose PPO step fits each GPU size at the given lengths. Every GPU figure
+    here is derived, not measured on a GPU."""
+    # layers, vocabulary, K/V width (2 heads x 128), MLP width
+    L, V, kv_width, inter = 28, 151936, 2 * 128, 8960
+    lo, hi, T = (
+        min(r["layers"] for r in rows),
+        max(r["layers"] for r in rows),
+        max(r["T"] for r in rows),
+    )
 
-    def linear(ckpt, layers):  # decoder bytes = per_token T + per_pass (the experts' weights, concatenated once a pass)
-        (t1, b1), (t2, b2) = sorted((r["T"], r["body_bytes"]) for r in rows
-                                    if r["grad_ckpt"] == ckpt and r["layers"] == layers)[-2:]
+    # decoder bytes = per_token T + per_pass (the experts' weights, concatenated once a pass)
+    def linear(ckpt, layers):
+        (t1, b1), (t2, b2) = sorted(
+            (r["T"], r["body_bytes"])
+            for r in rows
+            if r["grad_ckpt"] == ckpt and r["layers"] == layers
+        )[-2:]
         return np.array([(b2 - b1) / (t2 - t1), b1 - (b2 - b1) / (t2 - t1) * t1])
+
     per = {}
     for ckpt in (False, True):
-        layer = (linear(ckpt, hi) - linear(ckpt, lo)) / (hi - lo)  # [per token, per pass] of one more layer
+        # [per token, per pass] of one more layer
+        layer = (linear(ckpt, hi) - linear(ckpt, lo)) / (hi - lo)
         body = linear(ckpt, lo) + (L - lo) * layer
         head = next(r for r in rows if r["grad_ckpt"] == ckpt and r["layers"] == hi and r["T"] == T)
-        per[ckpt] = dict(layer=float(layer[0]), body=float(body[0]), per_pass=float(body[1]),
-                         head=head["head_per_response_token"])
-    replay = per[False]["layer"]  # --grad_ckpt: one layer's activations exist again while it is replayed in backward
+        per[ckpt] = dict(
+            layer=float(layer[0]),
+            body=float(body[0]),
+            per_pass=float(body[1]),
+            head=head["head_per_response_token"],
+        )
+    # --grad_ckpt: one layer's activations exist again while it is replayed in backward
+    replay = per[False]["layer"]
     S = opts.prompt + opts.new  # tokens per sequence; opts.new of them are response tokens
     weights = (sizes["embedding"] + L * sizes["layer"]) * 2  # bf16, tied embeddings
-    trained = (L * sizes["experts_per_layer"] + sizes["router_and_critic"]) * 16  # fp32 value, gradient, 2 AdamW
-    chunk = sizes["logits_chunk_saved"] + 2 * pamoe.LOGIT_CHUNK * V * 4  # one chunk's backward: saved + gradients
+    # fp32 value, gradient, 2 AdamW
+    trained = (L * sizes["experts_per_layer"] + sizes["router_and_critic"]) * 16
+    # one chunk's backward: saved + gradients
+    chunk = sizes["logits_chunk_saved"] + 2 * pamoe.LOGIT_CHUNK * V * 4
     kv = opts.num_envs * S * L * 2 * kv_width * 2  # the rollout's KV cache, bf16
-    prefill = opts.num_envs * opts.prompt * 3 * inter * 2  # the widest no-grad intermediates (MLP) of the prefill
+    # the widest no-grad intermediates (MLP) of the prefill
+    prefill = opts.num_envs * opts.prompt * 3 * inter * 2
     fixed = weights + trained
-    out = {"per_token": {f"grad_ckpt={k}": v for k, v in per.items()}, "fixed_bytes": fixed,
-           "rollout_bytes": fixed + kv + prefill, "table": []}
+    out = {
+        "per_token": {f"grad_ckpt={k}": v for k, v in per.items()},
+        "fixed_bytes": fixed,
+        "rollout_bytes": fixed + kv + prefill,
+        "table": [],
+    }
     for gb in (24, 40, 80):
         usable = gb * 1e9 * 0.9 - GIB  # 10% for allocator fragmentation, 1 GiB for the CUDA context
         row = {"gpu_gb": gb, "rollout_fits": fixed + kv + prefill <= usable}
         for ckpt in (False, True):
-            per_seq = S * per[ckpt]["body"] + opts.new * per[ckpt]["head"] + (S * replay if ckpt else 0)
-            row[f"micro_batch grad_ckpt={ckpt}"] = max(0, int((usable - fixed - chunk - per[ckpt]["per_pass"])
-                                                                // per_seq))
+            per_seq = (
+                S * per[ckpt]["body"] + opts.new * per[ckpt]["head"] + (S * replay if ckpt else 0)
+            )
+            row[f"micro_batch grad_ckpt={ckpt}"] = max(
+                0, int((usable - fixed - chunk - per[ckpt]["per_pass"]) // per_seq)
+            )
             row[f"GiB per sequence grad_ckpt={ckpt}"] = per_seq / GIB
         out["table"].append(row)
-    print(f"\nDerived for Qwen2.5-1.5B (28 layers), sequences of {opts.prompt} + {opts.new} tokens, --num_envs "
-          f"{opts.num_envs}; NOT measured on a GPU:")
+    print(
+        f"\nDerived for Qwen2.5-1.5B (28 layers), sequences of {opts.prompt} + {opts.new} tokens, "
+        "--num_envs "
+        f"{opts.num_envs}; NOT measured on a GPU:"
+    )
     for ckpt in (False, True):
-        print(f"  --grad_ckpt {str(ckpt).lower():<5}: {per[ckpt]['body'] / 1024:.1f} KiB per token kept for backward "
-              f"({per[ckpt]['layer'] / 1024:.1f} KiB per layer) + {per[ckpt]['head'] / 1024:.2f} KiB per response token"
-              f" + {per[ckpt]['per_pass'] / 2 ** 20:.0f} MiB per micro-batch (the experts' concatenated weights)"
-              + (f" + one layer replayed in backward, {replay / 1024:.1f} KiB per token" if ckpt else ""))
-    print(f"  (the log-prob head unchunked and not checkpointed would keep "
-          f"{sizes['logits_chunk_saved'] / pamoe.LOGIT_CHUNK / 2 ** 20:.2f} MiB per response token)")
-    print(f"  fixed: weights {weights / GIB:.2f} GiB, trained parameters with gradients and AdamW {trained / GIB:.2f} "
-          f"GiB; a logits chunk's backward {chunk / GIB:.2f} GiB; rollout: KV cache {kv / GIB:.2f} GiB + prefill "
-          f"{prefill / GIB:.2f} GiB")
-    print("| GPU | largest --micro_batch, --grad_ckpt false | largest --micro_batch, --grad_ckpt true | rollout fits |")
+        print(
+            f"  --grad_ckpt {str(ckpt).lower():<5}: {per[ckpt]['body'] / 1024:.1f} KiB per token "
+            "kept for backward "
+            f"({per[ckpt]['layer'] / 1024:.1f} KiB per layer) + {per[ckpt]['head'] / 1024:.2f} KiB "
+            "per response token"
+            f" + {per[ckpt]['per_pass'] / 2**20:.0f} MiB per micro-batch (the experts' "
+            "concatenated weights)"
+            + (
+                f" + one layer replayed in backward, {replay / 1024:.1f} KiB per token"
+                if ckpt
+                else ""
+            )
+        )
+    print(
+        f"  (the log-prob head unchunked and not checkpointed would keep "
+        f"{sizes['logits_chunk_saved'] / pamoe.LOGIT_CHUNK / 2**20:.2f} MiB per response token)"
+    )
+    print(
+        f"  fixed: weights {weights / GIB:.2f} GiB, trained parameters with gradients and AdamW "
+        f"{trained / GIB:.2f} "
+        f"GiB; a logits chunk's backward {chunk / GIB:.2f} GiB; rollout: KV cache {kv / GIB:.2f} "
+        "GiB + prefill "
+        f"{prefill / GIB:.2f} GiB"
+    )
+    print(
+        "| GPU | largest --micro_batch, --grad_ckpt false | largest --micro_batch, --grad_ckpt "
+        "true | rollout fits |"
+    )
     print("|---|---|---|---|")
     for r in out["table"]:
-        print(f"| {r['gpu_gb']} GB | {r['micro_batch grad_ckpt=False']} | {r['micro_batch grad_ckpt=True']} | "
-              f"{'yes' if r['rollout_fits'] else 'no'} |")
+        print(
+            f"| {r['gpu_gb']} GB | {r['micro_batch grad_ckpt=False']} | "
+            f"{r['micro_batch grad_ckpt=True']} | "
+            f"{'yes' if r['rollout_fits'] else 'no'} |"
+        )
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Statistics over seeds, for every comparison the project reports (Agarwal et al. 2021, "Deep reinforcement
-# learning at the edge of the statistical precipice": interval estimates, IQM, probability of improvement)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Statistics over seeds, for every comparison the project reports (Agarwal et al. 2021, "Deep
+# reinforcement learning at the edge of the statistical precipice": interval estimates, IQM,
+# probability of improvement)
+# --------------------------------------------------------------------------------------------------
 RESAMPLES = 10_000
 
 
@@ -442,10 +713,11 @@ def mean(x):
 
 
 def iqm(x):
-    """Interquartile mean over the last axis: the mean of the middle half of the runs (a quarter cut at each end)."""
+    """Interquartile mean over the last axis: the mean of the middle half of the runs (a quarter cut
+    at each end)."""
     x = np.sort(x, axis=-1)
     cut = int(0.25 * x.shape[-1])
-    return x[..., cut:x.shape[-1] - cut].mean(-1)
+    return x[..., cut : x.shape[-1] - cut].mean(-1)
 
 
 def resample(x, seed):
@@ -460,18 +732,21 @@ def interval(x, stat=mean, seed=0):
 
 
 def difference(x, y, stat=mean):
-    """stat(x) - stat(y) and its 95% bootstrap interval, the runs of the two arms resampled independently."""
+    """stat(x) - stat(y) and its 95% bootstrap interval, the runs of the two arms resampled
+    independently."""
     d = stat(resample(x, 1)) - stat(resample(y, 2))
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     return float(stat(x) - stat(y)), tuple(np.percentile(d, [2.5, 97.5]))
 
 
 def improvement(x, y):
-    """P(X > Y), the probability that a run of arm x beats a run of arm y (the Mann-Whitney statistic, ties count
-    half), and its 95% bootstrap interval."""
+    """P(X > Y), the probability that a run of arm x beats a run of arm y (the Mann-Whitney
+    statistic, ties count half), and its 95% bootstrap interval."""
+
     def p(a, b):
         a, b = a[..., :, None], b[..., None, :]
         return ((a > b) + 0.5 * (a == b)).mean((-2, -1))
+
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     return float(p(x, y)), tuple(np.percentile(p(resample(x, 1), resample(y, 2)), [2.5, 97.5]))
 
@@ -480,9 +755,13 @@ def verdict(x, y, names):
     """What the interval of mean(x) - mean(y) allows one to say."""
     d, (lo, hi) = difference(x, y)
     if lo > 0 or hi < 0:
-        return f"{names[0]} {'better' if lo > 0 else 'worse'} than {names[1]} by {abs(d):.2f} [{lo:+.2f}, {hi:+.2f}]"
-    return (f"{names[0]} and {names[1]} indistinguishable: difference {d:+.2f} [{lo:+.2f}, {hi:+.2f}]; the data rule "
-            f"out {names[0]} better by more than {hi:.2f} or worse by more than {max(0.0, -lo):.2f}")
+        better = "better" if lo > 0 else "worse"
+        return f"{names[0]} {better} than {names[1]} by {abs(d):.2f} [{lo:+.2f}, {hi:+.2f}]"
+    return (
+        f"{names[0]} and {names[1]} indistinguishable: difference {d:+.2f} [{lo:+.2f}, {hi:+.2f}]; "
+        "the data rule "
+        f"out {names[0]} better by more than {hi:.2f} or worse by more than {max(0.0, -lo):.2f}"
+    )
 
 
 def ci(x, stat=mean):
@@ -494,17 +773,30 @@ def ci(x, stat=mean):
     return f"{float(stat(np.asarray(x))):.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The routing ablation: pamoe.py runs in subprocesses, then the tables
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def arms(K, r):
     """The paper's granularity ablation plus one LoRA of the experts' total size."""
-    return {"dense": ["--routing", "dense"], f"dense r={K * r}": ["--routing", "dense", "--dense_rank", str(K * r)],
-            "trajectory": ["--routing", "trajectory"], "token": ["--routing", "token"], "phase": ["--routing", "phase"]}
+    return {
+        "dense": ["--routing", "dense"],
+        f"dense r={K * r}": ["--routing", "dense", "--dense_rank", str(K * r)],
+        "trajectory": ["--routing", "trajectory"],
+        "token": ["--routing", "token"],
+        "phase": ["--routing", "phase"],
+    }
 
 
 # set by the ablation itself
-RESERVED = ("--routing", "--dense_rank", "--seed", "--iterations", "--out_dir", "--resume", "--model")
+RESERVED = (
+    "--routing",
+    "--dense_rank",
+    "--seed",
+    "--iterations",
+    "--out_dir",
+    "--resume",
+    "--model",
+)
 
 
 def finished(out_dir, args):
@@ -521,12 +813,26 @@ def finished(out_dir, args):
 
 
 def save_base(a, folder):
-    """The frozen `tiny` base of a seed, built and warmed up once and saved as a Hugging Face folder: every routing
-    of that seed loads it (--model folder) instead of repeating the warm-up; pamoe.Agent seeds the experts alike."""
-    record = {k: getattr(a, k) for k in ("env", "seed", "tiny_steps", "tiny_prior", "max_steps", "history",
-                                         "action_format", "alfworld_data")}
-    record["code"] = [open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)).read() for f in
-                      ("pamoe.py", "envs.py")]
+    """The frozen `tiny` base of a seed, built and warmed up once and saved as a Hugging Face
+    folder: every routing of that seed loads it (--model folder) instead of repeating the warm-up;
+    pamoe.Agent seeds the experts alike."""
+    record = {
+        k: getattr(a, k)
+        for k in (
+            "env",
+            "seed",
+            "tiny_steps",
+            "tiny_prior",
+            "max_steps",
+            "history",
+            "action_format",
+            "alfworld_data",
+        )
+    }
+    record["code"] = [
+        open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)).read()
+        for f in ("pamoe.py", "envs.py")
+    ]
     path = os.path.join(folder, "base.json")
     if os.path.exists(path) and json.load(open(path)) == record:
         return
@@ -539,39 +845,79 @@ def save_base(a, folder):
 
 
 def run_ablation(opts, passthrough, command):
-    base_args = pamoe.parse_args([*passthrough, "--iterations", str(opts.iterations)])  # bad flags stop here, once
+    # bad flags stop here, once
+    base_args = pamoe.parse_args([*passthrough, "--iterations", str(opts.iterations)])
     K, r = base_args.num_experts, base_args.rank
     table, names = arms(K, r), opts.routings.split(",") if opts.routings else list(arms(K, r))
     unknown = [n for n in names if n not in table]
     clash = [f for f in passthrough if f.split("=")[0] in RESERVED]
     need = [f"unknown --routings {unknown}; use {', '.join(table)}"] if unknown else []
-    need += [f"the ablation sets {', '.join(RESERVED)} itself (got {', '.join(clash)})"] if clash else []
+    need += (
+        [f"the ablation sets {', '.join(RESERVED)} itself (got {', '.join(clash)})"]
+        if clash
+        else []
+    )
     if need:
         raise SystemExit(f"bench.py: error: {'; '.join(need)}")
     seeds, t0 = [int(s) for s in opts.seeds.split(",")], time.time()
     if base_args.model == "tiny":  # one warmed-up base per seed, shared by the arms
         for s in seeds:
-            save_base(pamoe.parse_args([*passthrough, "--seed", str(s)]), os.path.join(opts.out_dir, f"base-seed{s}"))
-    model = {s: ["--model", os.path.join(opts.out_dir, f"base-seed{s}")] if base_args.model == "tiny" else []
-             for s in seeds}
-    jobs = [(n, s, os.path.join(opts.out_dir, f"{n.replace(' ', '-').replace('=', '')}-seed{s}")) for s in seeds
-            for n in names]
-    jobs = [(n, s, out, [*passthrough, *table[n], *model[s], "--seed", str(s), "--iterations", str(opts.iterations),
-                         "--out_dir", out]) for n, s, out in jobs]
+            save_base(
+                pamoe.parse_args([*passthrough, "--seed", str(s)]),
+                os.path.join(opts.out_dir, f"base-seed{s}"),
+            )
+    model = {
+        s: ["--model", os.path.join(opts.out_dir, f"base-seed{s}")]
+        if base_args.model == "tiny"
+        else []
+        for s in seeds
+    }
+    jobs = [
+        (n, s, os.path.join(opts.out_dir, f"{n.replace(' ', '-').replace('=', '')}-seed{s}"))
+        for s in seeds
+        for n in names
+    ]
+    jobs = [
+        (
+            n,
+            s,
+            out,
+            [
+                *passthrough,
+                *table[n],
+                *model[s],
+                "--seed",
+                str(s),
+                "--iterations",
+                str(opts.iterations),
+                "--out_dir",
+                out,
+            ],
+        )
+        for n, s, out in jobs
+    ]
     todo = [j for j in jobs if finished(j[2], j[3]) is None]
     workers = opts.jobs or max(1, min(len(todo), os.cpu_count() or 1))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
-    print(f"ablation: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {workers} at a time -> {opts.out_dir}"
-          f" (bases {time.time() - t0:.0f} s)", flush=True)
+    print(
+        f"ablation: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {workers} at a time "
+        f"-> {opts.out_dir}"
+        f" (bases {time.time() - t0:.0f} s)",
+        flush=True,
+    )
     run_jobs(todo, workers, env, t0)
     results = {(n, s): finished(out, args) for n, s, out, args in jobs}
     missing = [f"{n} seed {s}" for (n, s), lines in results.items() if lines is None]
     if missing:
-        raise SystemExit(f"bench.py: error: ablation runs without results: {missing}; rerun the same command to "
-                         f"resume them (their logs: stdout.log in each run's folder)")
-    report = (f"Routing ablation, {time.strftime('%Y-%m-%d')}: `{command}` ({len(seeds)} seeds, "
-              f"{(time.time() - t0) / 60:.1f} min wall for the runs not already done)\n\n"
-              + ablation_tables(results, names, seeds))
+        raise SystemExit(
+            f"bench.py: error: ablation runs without results: {missing}; rerun the same command to "
+            f"resume them (their logs: stdout.log in each run's folder)"
+        )
+    report = (
+        f"Routing ablation, {time.strftime('%Y-%m-%d')}: `{command}` ({len(seeds)} seeds, "
+        f"{(time.time() - t0) / 60:.1f} min wall for the runs not already done)\n\n"
+        + ablation_tables(results, names, seeds)
+    )
     with open(os.path.join(opts.out_dir, "ablation.md"), "w") as f:
         f.write(report + "\n")
     print(report)
@@ -579,53 +925,90 @@ def run_ablation(opts, passthrough, command):
 
 
 def run_jobs(todo, workers, env, t0):
-    """Run pamoe.py for each (name, seed, out_dir, args), `workers` at a time; a run interrupted earlier resumes from
-    its checkpoint if its arguments are the same."""
+    """Run pamoe.py for each (name, seed, out_dir, args), `workers` at a time; a run interrupted
+    earlier resumes from its checkpoint if its arguments are the same."""
     running = []
     while todo or running:
         while todo and len(running) < workers:
             name, seed, out, args = todo.pop(0)
             os.makedirs(out, exist_ok=True)
             ckpt, record = os.path.join(out, "checkpoint.pt"), os.path.join(out, "args.json")
-            resumable = os.path.exists(ckpt) and os.path.exists(record) and json.load(open(record)) == args
+            resumable = (
+                os.path.exists(ckpt) and os.path.exists(record) and json.load(open(record)) == args
+            )
             if not resumable:  # a run made with other arguments (or none yet) starts afresh
                 for stale in ("checkpoint.pt", "metrics.jsonl", "eval.log"):
                     if os.path.exists(os.path.join(out, stale)):
                         os.remove(os.path.join(out, stale))
                 with open(record, "w") as f:
                     json.dump(args, f)
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pamoe.py"), *args,
-                   *(["--resume", ckpt] if resumable else [])]
+            cmd = [
+                sys.executable,
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "pamoe.py"),
+                *args,
+                *(["--resume", ckpt] if resumable else []),
+            ]
             log = open(os.path.join(out, "stdout.log"), "a")
-            running.append((name, seed, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            running.append(
+                (
+                    name,
+                    seed,
+                    out,
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                    log,
+                )
+            )
         time.sleep(1)
         for job in [j for j in running if j[3].poll() is not None]:
             running.remove(job)
             job[4].close()
-            status = "done" if job[3].returncode == 0 else f"FAILED (exit {job[3].returncode}, see {job[2]}/stdout.log)"
-            print(f"  {job[0]} seed {job[1]}: {status} at {(time.time() - t0) / 60:.1f} min", flush=True)
+            status = (
+                "done"
+                if job[3].returncode == 0
+                else f"FAILED (exit {job[3].returncode}, see {job[2]}/stdout.log)"
+            )
+            print(
+                f"  {job[0]} seed {job[1]}: {status} at {(time.time() - t0) / 60:.1f} min",
+                flush=True,
+            )
 
 
 def run_summary(lines):
-    """One run's numbers: final evaluation (overall and per task type), the evaluation at the middle of the budget,
-    the area under the evaluation curve (trapezoids, divided by the iterations: a mean success over training), the
-    routing statistics, and the mechanism diagnostics averaged over the evaluated training iterations."""
+    """One run's numbers: final evaluation (overall and per task type), the evaluation at the middle
+    of the budget, the area under the evaluation curve (trapezoids, divided by the iterations: a
+    mean success over training), the routing statistics, and the mechanism diagnostics averaged over
+    the evaluated training iterations."""
     evals = [m for m in lines if "eval/success" in m]
-    its, succ = np.array([m["iteration"] for m in evals]), np.array([m["eval/success"] for m in evals])
+    its, succ = (
+        np.array([m["iteration"] for m in evals]),
+        np.array([m["eval/success"] for m in evals]),
+    )
     final, mid = evals[-1], evals[int(np.argmin(np.abs(its - its[-1] / 2)))]
-    out = {"final": final["eval/success"], "mid": mid["eval/success"], "mid_iteration": mid["iteration"],
-           "auc": float(np.sum((succ[1:] + succ[:-1]) / 2 * np.diff(its)) / (its[-1] - its[0])),
-           **{t: final.get(f"eval/success/{t}") for t in envs.TASK_TYPES},
-           "switches": final["eval/switches"], "phase_nmi": final["eval/phase_nmi"],
-           "experts_used": sum(v >= 0.05 for k, v in final.items() if k.startswith("eval/expert_share/")),
-           "clipfrac": np.mean([m["clipfrac"] for m in lines if "clipfrac" in m])}
+    out = {
+        "final": final["eval/success"],
+        "mid": mid["eval/success"],
+        "mid_iteration": mid["iteration"],
+        "auc": float(np.sum((succ[1:] + succ[:-1]) / 2 * np.diff(its)) / (its[-1] - its[0])),
+        **{t: final.get(f"eval/success/{t}") for t in envs.TASK_TYPES},
+        "switches": final["eval/switches"],
+        "phase_nmi": final["eval/phase_nmi"],
+        "experts_used": sum(
+            v >= 0.05 for k, v in final.items() if k.startswith("eval/expert_share/")
+        ),
+        "clipfrac": np.mean([m["clipfrac"] for m in lines if "clipfrac" in m]),
+    }
     diag = [m for m in evals if any(k.startswith("occupancy/") for k in m)]
-    occ = defaultdict(list)  # expert -> its occupancy by task type at each evaluated iteration it got steps in
+    # expert -> its occupancy by task type at each evaluated iteration it got steps in
+    occ = defaultdict(list)
     for m in diag:
         for e in sorted({k.split("/")[1] for k in m if k.startswith("occupancy/")}):
             occ[e].append([m.get(f"occupancy/{e}/{t}", 0.0) for t in envs.TASK_TYPES])
-    # each run's experts ordered from the most to the least pick-heavy (letters mean nothing across runs)
-    rows = sorted((np.mean(v, axis=0) for v in occ.values()), key=lambda row: -row[envs.TASK_TYPES.index("pick")])
+    # each run's experts ordered from the most to the least pick-heavy (letters mean nothing across
+    # runs)
+    rows = sorted(
+        (np.mean(v, axis=0) for v in occ.values()),
+        key=lambda row: -row[envs.TASK_TYPES.index("pick")],
+    )
     out["occupancy"] = [dict(zip(envs.TASK_TYPES, map(float, row))) for row in rows]
     conflict = [m[k] for m in diag for k in m if k.startswith("conflict/") and not np.isnan(m[k])]
     out["conflict"] = float(np.mean(conflict)) if conflict else None
@@ -633,28 +1016,45 @@ def run_summary(lines):
 
 
 def ablation_tables(results, names, seeds):
-    """Markdown: per arm, means over seeds with 95% bootstrap intervals (final, mid-budget, area under the curve),
-    IQM, per task type; phase against every other arm (difference of means, probability of improvement); the
-    mechanism diagnostics (occupancy, conflict)."""
+    """Markdown: per arm, means over seeds with 95% bootstrap intervals (final, mid-budget, area
+    under the curve), IQM, per task type; phase against every other arm (difference of means,
+    probability of improvement); the mechanism diagnostics (occupancy, conflict)."""
     runs = {n: [run_summary(results[(n, s)]) for s in seeds] for n in names}
     mid_it = runs[names[0]][0]["mid_iteration"]
-    out = [f"Success at the final evaluation, at iteration {mid_it} (mid-budget) and the area under the evaluation "
-           f"curve (mean success over training); mean over seeds [95% bootstrap interval]:", "",
-           "| routing | final | final IQM | final sd | mid-budget | area under curve | " + " | ".join(envs.TASK_TYPES)
-           + " | switches / episode | phase NMI | experts >= 5% | clip fraction |", "|" + "---|" * 14]
+    out = [
+        f"Success at the final evaluation, at iteration {mid_it} (mid-budget) and the area under "
+        "the evaluation "
+        f"curve (mean success over training); mean over seeds [95% bootstrap interval]:",
+        "",
+        "| routing | final | final IQM | final sd | mid-budget | area under curve | "
+        + " | ".join(envs.TASK_TYPES)
+        + " | switches / episode | phase NMI | experts >= 5% | clip fraction |",
+        "|" + "---|" * 14,
+    ]
     for n in names:
         R = runs[n]
         col = {key: [r[key] for r in R] for key in R[0] if key not in ("occupancy",)}
-        out.append(f"| {n} | {ci(col['final'])} | {ci(col['final'], iqm)} | {np.std(col['final'], ddof=1):.2f} | "
-                   f"{ci(col['mid'])} | {ci(col['auc'])} | "
-                   + " | ".join(f"{np.mean(v):.2f}" if (v := [x for x in col[t] if x is not None]) else "-"
-                                for t in envs.TASK_TYPES)
-                   + f" | {np.mean(col['switches']):.1f} | {np.mean(col['phase_nmi']):.2f} | "
-                   f"{np.mean(col['experts_used']):.1f} | {np.mean(col['clipfrac']):.2f} |")
+        out.append(
+            f"| {n} | {ci(col['final'])} | {ci(col['final'], iqm)} | "
+            f"{np.std(col['final'], ddof=1):.2f} | "
+            f"{ci(col['mid'])} | {ci(col['auc'])} | "
+            + " | ".join(
+                f"{np.mean(v):.2f}" if (v := [x for x in col[t] if x is not None]) else "-"
+                for t in envs.TASK_TYPES
+            )
+            + f" | {np.mean(col['switches']):.1f} | {np.mean(col['phase_nmi']):.2f} | "
+            f"{np.mean(col['experts_used']):.1f} | {np.mean(col['clipfrac']):.2f} |"
+        )
     if "phase" in names:
-        out += ["", "Phase routing against each arm: difference of the means [95% interval], probability that a phase "
-                "run beats a run of the arm, P(phase > arm) [95% interval]:", "",
-                "| arm | final | mid-budget | area under curve | P(phase > arm), area |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            "Phase routing against each arm: difference of the means [95% interval], probability "
+            "that a phase "
+            "run beats a run of the arm, P(phase > arm) [95% interval]:",
+            "",
+            "| arm | final | mid-budget | area under curve | P(phase > arm), area |",
+            "|---|---|---|---|---|",
+        ]
         ph = runs["phase"]
         for n in names:
             if n == "phase":
@@ -666,43 +1066,75 @@ def ablation_tables(results, names, seeds):
             p, (lo, hi) = improvement([r["auc"] for r in ph], [r["auc"] for r in runs[n]])
             out.append(f"| {n} | " + " | ".join(cells) + f" | {p:.2f} [{lo:.2f}, {hi:.2f}] |")
         if "dense" in names:
-            out += ["", "Verdict (area under the curve): " + verdict([r["auc"] for r in ph],
-                                                                    [r["auc"] for r in runs["dense"]],
-                                                                    ("phase routing", "one LoRA")),
-                    "Verdict (final): " + verdict([r["final"] for r in ph], [r["final"] for r in runs["dense"]],
-                                                  ("phase routing", "one LoRA"))]
-    out += ["", "Mechanism diagnostics over the evaluated iterations (mean over seeds): each task type's share of an "
-            "expert's policy-gradient norm (occupancy; a run's experts ordered from the most to the least pick-heavy, "
-            "experts that got no step left out) and the mean cosine between the task types' gradients (conflict):", "",
-            "| routing | expert | " + " | ".join(envs.TASK_TYPES) + " | runs | conflict |", "|" + "---|" * 8]
+            out += [
+                "",
+                "Verdict (area under the curve): "
+                + verdict(
+                    [r["auc"] for r in ph],
+                    [r["auc"] for r in runs["dense"]],
+                    ("phase routing", "one LoRA"),
+                ),
+                "Verdict (final): "
+                + verdict(
+                    [r["final"] for r in ph],
+                    [r["final"] for r in runs["dense"]],
+                    ("phase routing", "one LoRA"),
+                ),
+            ]
+    out += [
+        "",
+        "Mechanism diagnostics over the evaluated iterations (mean over seeds): each task type's "
+        "share of an "
+        "expert's policy-gradient norm (occupancy; a run's experts ordered from the most to the "
+        "least pick-heavy, "
+        "experts that got no step left out) and the mean cosine between the task types' gradients "
+        "(conflict):",
+        "",
+        "| routing | expert | " + " | ".join(envs.TASK_TYPES) + " | runs | conflict |",
+        "|" + "---|" * 8,
+    ]
     for n in names:
         R, conflict = runs[n], ci([r["conflict"] for r in runs[n]])
         for rank in range(max(len(r["occupancy"]) for r in R)):
             have = [r["occupancy"][rank] for r in R if len(r["occupancy"]) > rank]
-            out.append(f"| {n if rank == 0 else ''} | {rank + 1} | "
-                       + " | ".join(f"{np.mean([h[t] for h in have]):.2f}" for t in envs.TASK_TYPES)
-                       + f" | {len(have)} | {conflict if rank == 0 else ''} |")
+            out.append(
+                f"| {n if rank == 0 else ''} | {rank + 1} | "
+                + " | ".join(f"{np.mean([h[t] for h in have]):.2f}" for t in envs.TASK_TYPES)
+                + f" | {len(have)} | {conflict if rank == 0 else ''} |"
+            )
     return "\n".join(out)
 
 
 def probe(opts, passthrough):
-    """Linear probes on the phase router's input: how well the hidden phase and the task type of a step can be read
-    off its frozen features, [observation ; previous action] alone and with the goal's mean token state. Steps of
-    --rollouts toy rollouts (32 episodes each) of the demo's agent (untrained, or --checkpoint's experts and
-    router; other flags go to pamoe.py's Args); a multinomial logistic regression fitted on 70% of the steps, scored
-    on the rest."""
-    agent = pamoe.Agent(pamoe.parse_args(["--seed", str(opts.seed), *passthrough]), torch.device("cpu"))
+    """Linear probes on the phase router's input: how well the hidden phase and the task type of a
+    step can be read off its frozen features, [observation ; previous action] alone and with the
+    goal's mean token state. Steps of
+    --rollouts toy rollouts (32 episodes each) of the demo's agent (untrained, or --checkpoint's
+    experts and router; other flags go to pamoe.py's Args); a multinomial logistic regression fitted
+    on 70% of the steps, scored on the rest."""
+    agent = pamoe.Agent(
+        pamoe.parse_args(["--seed", str(opts.seed), *passthrough]), torch.device("cpu")
+    )
     if opts.checkpoint:
-        agent.load_state_dict(torch.load(opts.checkpoint, map_location="cpu", weights_only=False)["trainable"],
-                              strict=False)
+        agent.load_state_dict(
+            torch.load(opts.checkpoint, map_location="cpu", weights_only=False)["trainable"],
+            strict=False,
+        )
     env_batch = envs.make_env_batch("toy", 32, agent.args.max_steps, "train", None)
     feats, labels = {"obs": [], "obs+goal": []}, {"phase": [], "task": []}
     with torch.no_grad(), contextlib.closing(env_batch):
         for r in range(opts.rollouts):
-            S = pamoe.rollout(agent, env_batch, [10 ** 6 + 32 * r + n for n in range(32)], agent.args.tau_start,
-                              agent.args.temperature, greedy_router=False)
+            S = pamoe.rollout(
+                agent,
+                env_batch,
+                [10**6 + 32 * r + n for n in range(32)],
+                agent.args.tau_start,
+                agent.args.temperature,
+                greedy_router=False,
+            )
             goal = pamoe.mean_pool(S["goal_states"], S["goal_mask"])  # (lanes, d)
-            rows = S["table"][torch.tensor([w[-1] for w in S["window"]])]  # (steps, 2d) the step's own features
+            # (steps, 2d) the step's own features
+            rows = S["table"][torch.tensor([w[-1] for w in S["window"]])]
             feats["obs"].append(rows)
             feats["obs+goal"].append(torch.cat([rows, goal[torch.tensor(S["lane"])]], -1))
             labels["phase"] += S["phase"]
@@ -713,7 +1145,7 @@ def probe(opts, passthrough):
         classes = sorted(set(y_names))
         y = torch.tensor([classes.index(v) for v in y_names])
         split = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        train, test = split[:int(0.7 * len(y))], split[int(0.7 * len(y)):]
+        train, test = split[: int(0.7 * len(y))], split[int(0.7 * len(y)) :]
         for name, x in feats.items():
             x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-5)
             w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
@@ -724,41 +1156,68 @@ def probe(opts, passthrough):
                 (F.cross_entropy(x[train] @ w + b, y[train]) + 1e-3 * w.pow(2).sum()).backward()
                 opt.step()
             pred, yt = (x[test] @ w + b).argmax(-1), y[test]
-            recall = [float((pred[yt == c] == c).float().mean()) for c in range(len(classes)) if (yt == c).any()]
-            result[f"{target} <- {name}"] = dict(accuracy=float((pred == yt).float().mean()),
-                                                 majority=max(float((yt == c).float().mean()) for c in yt.unique()),
-                                                 balanced=float(np.mean(recall)), chance=1 / len(classes))
-    print(f"linear probes on {len(labels['phase'])} steps ({opts.checkpoint or 'untrained agent'}), held-out 30%:")
+            recall = [
+                float((pred[yt == c] == c).float().mean())
+                for c in range(len(classes))
+                if (yt == c).any()
+            ]
+            result[f"{target} <- {name}"] = dict(
+                accuracy=float((pred == yt).float().mean()),
+                majority=max(float((yt == c).float().mean()) for c in yt.unique()),
+                balanced=float(np.mean(recall)),
+                chance=1 / len(classes),
+            )
+    print(
+        f"linear probes on {len(labels['phase'])} steps ({opts.checkpoint or 'untrained agent'}), "
+        "held-out 30%:"
+    )
     for k, v in result.items():
-        print(f"  {k:<17} accuracy {v['accuracy']:.2f} (majority class {v['majority']:.2f}), balanced accuracy "
-              f"{v['balanced']:.2f} (chance {v['chance']:.2f})")
+        print(
+            f"  {k:<17} accuracy {v['accuracy']:.2f} (majority class {v['majority']:.2f}), "
+            "balanced accuracy "
+            f"{v['balanced']:.2f} (chance {v['chance']:.2f})"
+        )
     return result
 
 
 def preflight(argv):
-    """The model and sizes of a pamoe.py command line (argv, its flags), before a run: one rollout step and one PPO
-    micro-batch at the largest sizes the flags allow (prompts of --max_prompt_tokens random tokens, --max_new_tokens
-    new ones); prints peak memory (CUDA: allocated tensors; CPU: the process's peak resident set), time per token and
-    the time one iteration takes at most. Trains nothing and needs no ALFWorld games."""
+    """The model and sizes of a pamoe.py command line (argv, its flags), before a run: one rollout
+    step and one PPO micro-batch at the largest sizes the flags allow (prompts of
+    --max_prompt_tokens random tokens, --max_new_tokens new ones); prints peak memory (CUDA:
+    allocated tensors; CPU: the process's peak resident set), time per token and the time one
+    iteration takes at most. Trains nothing and needs no ALFWorld games."""
     a = pamoe.parse_args(argv, games=False)
     dev, cuda = torch.device(a.device), a.device == "cuda"
     pamoe.seed_everything(a.seed)
     agent = pamoe.Agent(a, dev)
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=a.weight_decay)
     P, M, N, n = a.max_prompt_tokens, a.max_new_tokens, a.num_envs, a.micro_batch or a.minibatch
-    ids = torch.randint(agent.lm.config.vocab_size, (max(N, n), P + M), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        agent.lm.config.vocab_size, (max(N, n), P + M), generator=torch.Generator().manual_seed(0)
+    )
     ids, k = ids.to(dev), torch.arange(max(N, n), device=dev) % a.experts[0]  # the experts in turn
 
     def generate():
         with torch.no_grad(), agent.routing(pamoe.step_gates_for(agent, slice(N), k)):
-            agent.lm.generate(ids[:N, :P], attention_mask=torch.ones_like(ids[:N, :P]), do_sample=True, top_k=0,
-                              max_new_tokens=M, min_new_tokens=M, pad_token_id=agent.tok.pad_token_id)
+            agent.lm.generate(
+                ids[:N, :P],
+                attention_mask=torch.ones_like(ids[:N, :P]),
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=M,
+                min_new_tokens=M,
+                pad_token_id=agent.tok.pad_token_id,
+            )
 
     def ppo_micro_batch():
-        with agent.routing(pamoe.step_gates_for(agent, slice(n), k)) as routing:  # backward inside (--grad_ckpt)
-            logp, ent, mask = agent.response_logprobs(list(ids[:n]), [P] * n, [M] * n, a.temperature, routing.gates)
+        # backward inside (--grad_ckpt)
+        with agent.routing(pamoe.step_gates_for(agent, slice(n), k)) as routing:
+            logp, ent, mask = agent.response_logprobs(
+                list(ids[:n]), [P] * n, [M] * n, a.temperature, routing.gates
+            )
             (-(logp + ent).sum() / mask.sum()).backward()
         opt.step()  # allocates AdamW's state
+
     cost = []  # (seconds, peak GiB) of each
     for fn in (generate, ppo_micro_batch):
         torch.cuda.reset_peak_memory_stats() if cuda else None
@@ -766,71 +1225,140 @@ def preflight(argv):
         try:
             fn()
         except torch.cuda.OutOfMemoryError as e:
-            raise SystemExit(f"bench.py preflight: out of memory in {fn.__name__}; lower --micro_batch or "
-                             f"--num_envs, add --grad_ckpt true, or lower --max_prompt_tokens") from e
+            raise SystemExit(
+                f"bench.py preflight: out of memory in {fn.__name__}; lower --micro_batch or "
+                f"--num_envs, add --grad_ckpt true, or lower --max_prompt_tokens"
+            ) from e
         torch.cuda.synchronize() if cuda else None
-        cost.append((time.time() - t, (torch.cuda.max_memory_allocated() if cuda else
-                                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30))
+        cost.append(
+            (
+                time.time() - t,
+                (
+                    torch.cuda.max_memory_allocated()
+                    if cuda
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                )
+                / 2**30,
+            )
+        )
     (t_gen, m_gen), (t_ppo, m_ppo) = cost
-    rollout_s = a.max_steps * t_gen  # every episode to --max_steps; PPO: the epochs and prepare_batch's passes
+    # every episode to --max_steps; PPO: the epochs and prepare_batch's passes
+    rollout_s = a.max_steps * t_gen
     ppo_s = (a.epochs + 1) * N * a.max_steps / n * t_ppo
-    gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2 ** 30:.0f} GiB" if cuda else "CPU"
-    print(f"preflight on {gpu}: {a.model}, {agent.lm.dtype}, --micro_batch {n}, --grad_ckpt {a.grad_ckpt}\n"
-          f"rollout step, {N} prompts of {P} tokens + {M} new: peak memory {m_gen:.1f} GiB, {t_gen:.1f} s, "
-          f"{t_gen / (N * M) * 1e3:.3f} ms per generated token\n"
-          f"PPO micro-batch, {n} sequences of {P + M} tokens, forward + backward: peak memory {m_ppo:.1f} GiB, "
-          f"{t_ppo:.1f} s, {t_ppo / (n * (P + M)) * 1e3:.3f} ms per token\n"
-          f"one iteration at most ({N} x {a.max_steps} steps, every prompt and response at its limit): rollout "
-          f"{rollout_s / 60:.1f} min + PPO {ppo_s / 60:.1f} min = {(rollout_s + ppo_s) / 60:.1f} min", flush=True)
+    gpu = (
+        f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB"
+        if cuda
+        else "CPU"
+    )
+    print(
+        f"preflight on {gpu}: {a.model}, {agent.lm.dtype}, --micro_batch {n}, --grad_ckpt "
+        f"{a.grad_ckpt}\n"
+        f"rollout step, {N} prompts of {P} tokens + {M} new: peak memory {m_gen:.1f} GiB, "
+        f"{t_gen:.1f} s, "
+        f"{t_gen / (N * M) * 1e3:.3f} ms per generated token\n"
+        f"PPO micro-batch, {n} sequences of {P + M} tokens, forward + backward: peak memory "
+        f"{m_ppo:.1f} GiB, "
+        f"{t_ppo:.1f} s, {t_ppo / (n * (P + M)) * 1e3:.3f} ms per token\n"
+        f"one iteration at most ({N} x {a.max_steps} steps, every prompt and response at its "
+        "limit): rollout "
+        f"{rollout_s / 60:.1f} min + PPO {ppo_s / 60:.1f} min = {(rollout_s + ppo_s) / 60:.1f} min",
+        flush=True,
+    )
     return {"peak_gib": max(m_gen, m_ppo), "iteration_s": rollout_s + ppo_s}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    what = argv[0] if argv[:1] in (["bench"], ["ablation"], ["memory"], ["probe"], ["preflight"]) else "bench"
+    what = (
+        argv[0]
+        if argv[:1] in (["bench"], ["ablation"], ["memory"], ["probe"], ["preflight"])
+        else "bench"
+    )
     rest = argv[1:] if argv[:1] == [what] else argv
     if what == "preflight":
         return preflight(rest)
-    parser = argparse.ArgumentParser(prog=f"bench.py {what}", allow_abbrev=False, description={
-        "bench": "PA-MoE cost benchmark", "memory": "PA-MoE's memory model on Qwen2.5-1.5B's shape (CPU) -> GPU table",
-        "ablation": "PA-MoE routing ablation; flags not listed here go to every pamoe.py run",
-        "probe": "linear probes: hidden phase and task type from the phase router's input features; flags not "
-                 "listed here go to pamoe.py (the checkpoint's run's model flags)"}[what])
+    parser = argparse.ArgumentParser(
+        prog=f"bench.py {what}",
+        allow_abbrev=False,
+        description={
+            "bench": "PA-MoE cost benchmark",
+            "memory": "PA-MoE's memory model on Qwen2.5-1.5B's shape (CPU) -> GPU table",
+            "ablation": "PA-MoE routing ablation; flags not listed here go to every pamoe.py run",
+            "probe": (
+                "linear probes: hidden phase and task type from the phase router's input "
+                "features; flags not listed here go to pamoe.py (the checkpoint run's model flags)"
+            ),
+        }[what],
+    )
     if what == "probe":
-        parser.add_argument("--checkpoint", default="", help="a demo run's checkpoint.pt (default: untrained)")
-        parser.add_argument("--seed", type=int, default=1, help="--seed of the agent (as the checkpoint's run)")
+        parser.add_argument(
+            "--checkpoint", default="", help="a demo run's checkpoint.pt (default: untrained)"
+        )
+        parser.add_argument(
+            "--seed", type=int, default=1, help="--seed of the agent (as the checkpoint's run)"
+        )
         parser.add_argument("--rollouts", type=int, default=4, help="rollouts of 32 toy episodes")
         return probe(*parser.parse_known_args(rest))
     if what == "memory":
-        parser.add_argument("--layers", default="2,4", help="decoder layer counts measured (the fit is per layer)")
-        parser.add_argument("--lengths", default="512,1024", help="sequence lengths measured (linearity check)")
-        parser.add_argument("--response", type=int, default=256, help="response tokens of each measured sequence")
-        parser.add_argument("--prompt", type=int, default=2048, help="derived table: --max_prompt_tokens")
-        parser.add_argument("--new", type=int, default=512, help="derived table: response tokens (--max_new_tokens)")
-        parser.add_argument("--num_envs", type=int, default=32, help="derived table: sequences generated at once")
+        parser.add_argument(
+            "--layers", default="2,4", help="decoder layer counts measured (the fit is per layer)"
+        )
+        parser.add_argument(
+            "--lengths", default="512,1024", help="sequence lengths measured (linearity check)"
+        )
+        parser.add_argument(
+            "--response", type=int, default=256, help="response tokens of each measured sequence"
+        )
+        parser.add_argument(
+            "--prompt", type=int, default=2048, help="derived table: --max_prompt_tokens"
+        )
+        parser.add_argument(
+            "--new", type=int, default=512, help="derived table: response tokens (--max_new_tokens)"
+        )
+        parser.add_argument(
+            "--num_envs", type=int, default=32, help="derived table: sequences generated at once"
+        )
         parser.add_argument("--experts", type=int, default=4, help="K")
         parser.add_argument("--rank", type=int, default=32, help="r")
-        parser.add_argument("--out", default="memory.json", help="where the measurements and the table go")
+        parser.add_argument(
+            "--out", default="memory.json", help="where the measurements and the table go"
+        )
         return memory(parser.parse_args(rest))
     if what == "bench":
-        parser.add_argument("--sizes", default="", help="comma list of tiny, mid, qwen2.5-1.5b (default: all; "
-                            "qwen2.5-1.5b needs CUDA)")
+        parser.add_argument(
+            "--sizes",
+            default="",
+            help="comma list of tiny, mid, qwen2.5-1.5b (default: all; qwen2.5-1.5b needs CUDA)",
+        )
         parser.add_argument("--experts", type=int, default=4, help="K")
-        parser.add_argument("--rank", type=int, default=32, help="r of each expert and of the single LoRA")
+        parser.add_argument(
+            "--rank", type=int, default=32, help="r of each expert and of the single LoRA"
+        )
         parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
         parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
-        parser.add_argument("--gen_tokens", type=int, default=32, help="sampled tokens per sequence")
+        parser.add_argument(
+            "--gen_tokens", type=int, default=32, help="sampled tokens per sequence"
+        )
         parser.add_argument("--out", default="bench.json", help="where the rows go")
         opts = parser.parse_args(rest)
         if min(opts.repeats, opts.experts, opts.rank, opts.gen_tokens) < 1 or opts.warmup < 0:
-            parser.error("--repeats, --experts, --rank and --gen_tokens must be >= 1, --warmup >= 0")
+            parser.error(
+                "--repeats, --experts, --rank and --gen_tokens must be >= 1, --warmup >= 0"
+            )
         return bench(opts)
-    parser.add_argument("--routings", default="", help="comma list of dense, 'dense r=<K*r>', trajectory, token, "
-                        "phase (default: all)")
+    parser.add_argument(
+        "--routings",
+        default="",
+        help="comma list of dense, 'dense r=<K*r>', trajectory, token, phase (default: all)",
+    )
     parser.add_argument("--seeds", default="1,2,3,4,5,6,7,8", help="comma list of seeds")
-    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (the demo runs 60)")
+    parser.add_argument(
+        "--iterations", type=int, default=40, help="iterations per run (the demo runs 60)"
+    )
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")
-    parser.add_argument("--out_dir", default="runs/ablation", help="one folder per run + ablation.md")
+    parser.add_argument(
+        "--out_dir", default="runs/ablation", help="one folder per run + ablation.md"
+    )
     opts, passthrough = parser.parse_known_args(rest)
     return run_ablation(opts, passthrough, " ".join(["python bench.py", *argv]))
 
