@@ -158,10 +158,33 @@ class Args:
     info_coef: float = arg(
         10.0, "lambda_i: weight of I(expert; previous action's verb), maximised (0: paper)"
     )
-    # PPO
+    # advantages
+    advantage: str = arg(
+        "gae",
+        "gae (a critic, turn-level GAE) | grpo | gigpo (critic-free, within game groups: the "
+        "paper's pipeline)",
+    )
+    group_size: int = arg(
+        1, "G: environments per game group, each playing the same game (grpo, gigpo: >= 2; paper 8)"
+    )
+    adv_norm: str = arg(
+        "mean_std",
+        "grpo, gigpo: within a group, mean_std ((x - mean) / (std + 1e-6)) | mean (x - mean)",
+    )
+    step_weight: float = arg(1.0, "gigpo: w, the weight of the step (anchor-state) advantage")
     gamma: float = arg(0.95, "discount per environment step")
     gae_lambda: float = arg(0.95, "GAE lambda")
+    # PPO
     clip: float = arg(0.3, "PPO clip range (paper pipeline: 0.2)")
+    clip_c: float = arg(
+        0.0, "dual clip: the loss of a token with A < 0 is at most -c A (verl: 3; > 1); 0 = off"
+    )
+    rspo: bool = arg(
+        False, "RSPO: each step's ratio times stopgrad(max(exp(-router shift), --rspo_floor))"
+    )
+    rspo_floor: float = arg(
+        0.8, "RSPO's gamma_min (public re-implementations: 0.8; the paper's value is unverified)"
+    )
     kl_coef: float = arg(0.01, "KL to the reference policy (experts off), k3 estimator")
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
@@ -221,14 +244,34 @@ class Args:
             f"--eval_episodes 0 with --eval_every {self.eval_every} evaluates nothing; "
             f"set --eval_episodes >= 1 or --eval_every 0",
         )
-        world = rank_world()[
-            1
-        ]  # torchrun's processes share the environments and evaluation episodes
+        # torchrun's processes share the environments and the evaluation episodes
+        world = rank_world()[1]
         evaluated = self.eval_episodes if self.eval_every else world
         need(
             min(self.num_envs, evaluated) >= world,
             f"--num_envs {self.num_envs} and --eval_episodes {self.eval_episodes}: too few for "
             f"{world} processes; use >= {world}",
+        )
+        need(
+            self.advantage == "gae" or self.group_size >= 2,
+            f"--advantage {self.advantage} normalises returns within game groups: a group of one "
+            f"would turn raw returns into advantages; use --group_size >= 2 (paper: 8)",
+        )
+        need(
+            self.num_envs % (self.group_size * world) == 0,
+            f"--num_envs {self.num_envs} is not a multiple of --group_size {self.group_size} x "
+            f"{world} processes: a game group never spans processes; use a multiple of "
+            f"{self.group_size * world}",
+        )
+        need(
+            self.clip_c == 0 or self.clip_c > 1,
+            f"--clip_c {self.clip_c}: the dual clip bounds a negative advantage's loss at -c A, "
+            f"which needs c > 1; use 0 (off) or e.g. 3 (verl)",
+        )
+        need(
+            not self.rspo or self.routing != "dense",
+            "--rspo weighs ratios by how far the router moved; dense routing has no router: drop "
+            "--rspo or use --routing phase, trajectory or token",
         )
         need(
             self.action_format == "label" or self.max_new_tokens >= 16,
@@ -306,6 +349,11 @@ class Args:
         """The router decides at every step (phase), not once per episode (trajectory)."""
         return self.routing == "phase"
 
+    @property
+    def has_critic(self):
+        """GAE needs a critic; grpo and gigpo are critic-free."""
+        return self.advantage == "gae"
+
 
 # Valid values of every numeric flag: "[" and "]" include the bound, "(" and ")" exclude it, so
 # nan and inf never pass. Sizes are bounded generously, far above what fits one GPU;
@@ -353,6 +401,10 @@ RANGES = {
     "lr_critic": "[0, 1]",
     "weight_decay": "[0, 1]",
     "micro_batch": "[0, 4096]",
+    "group_size": "[1, 4096]",
+    "step_weight": "[0, inf)",
+    "clip_c": "[0, inf)",
+    "rspo_floor": "[0, 1]",
 }
 CHOICES = {
     "env": envs.ENVS,
@@ -362,6 +414,8 @@ CHOICES = {
     "routing": ("phase", "token", "trajectory", "dense"),
     "balance": ("switch", "sq"),
     "dtype": ("auto", "float32", "bfloat16"),
+    "advantage": ("gae", "grpo", "gigpo"),
+    "adv_norm": ("mean_std", "mean"),
 }
 LETTERS = "ABCDEFGHIJKLMNOP"  # expert names in tables, metrics and exports
 
@@ -555,9 +609,8 @@ class LoRAExperts(nn.Module):
         for a in A:  # each expert initialised like nn.Linear; B zero: experts start as no-ops
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.A = nn.ParameterList(nn.Parameter(a.T.contiguous()) for a in A)  # K x (in, r)
-        self.B = nn.ParameterList(
-            nn.Parameter(torch.zeros(rank, base.out_features)) for _ in range(num_experts)
-        )  # K x (r, out)
+        B = [torch.zeros(rank, base.out_features) for _ in range(num_experts)]
+        self.B = nn.ParameterList(nn.Parameter(b) for b in B)  # K x (r, out)
         self.router = None
         if token_routing:
             self.router = nn.Linear(base.in_features, num_experts, bias=False)
@@ -690,6 +743,9 @@ def step_gates(probs, k):
     return (onehot + (probs - probs.detach()))[:, None]  # value exactly one-hot
 
 
+INVALID_PENALTY = 0.1  # reward lost by an answer that is no admissible action (paper: 0.1)
+
+
 # --- Pure algorithm functions ---------------------------------------------------------------------
 def tau_at(update, tau_start, tau_end, tau_steps):
     """Router temperature annealed linearly from tau_start to tau_end over tau_steps updates."""
@@ -728,15 +784,31 @@ def whiten(x, mask):
     return torch.where(mask, (x - mean) / (std + 1e-8), 0)
 
 
-def ppo_policy_loss(logp, old_logp, adv, mask, clip):
-    """Clipped surrogate, token-mean over the response tokens in `mask`:
-        L = mean_t max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps)),  r_t = pi / pi_old
-    logp, old_logp, adv, mask: (B, T). Returns L, the clip fraction, approx KL(old || new)."""
-    log_ratio = torch.where(mask, logp - old_logp, 0)
+def ppo_policy_loss(logp, old_logp, adv, mask, clip, clip_c=0.0, weight=None):
+    """Clipped surrogate, token-mean over the response tokens in `mask`, as verl computes it:
+        r_t = exp(clamp(log pi - log pi_old, -20, 20)) w_t
+        L = mean_t max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps))
+    and with the dual clip (clip_c = c > 1; Ye et al. 2020, verl's default 3) a token with A_t < 0
+    costs at most -c A_t, however large its ratio. w_t: RSPO's router-shift weight, else 1.
+    logp, old_logp, adv, mask, weight: (B, T). Returns L, the clip fraction and the approximate
+    KL(old || new)."""
+    log_ratio = torch.where(mask, logp - old_logp, 0).clamp(-20, 20)
     ratio = log_ratio.exp()
+    if weight is not None:
+        ratio = ratio * weight
     surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    if clip_c:
+        surrogate = torch.where(adv < 0, torch.min(surrogate, -adv * clip_c), surrogate)
     clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
     return masked_mean(surrogate, mask), clipfrac, masked_mean(-log_ratio, mask)
+
+
+def router_shift_weight(logp_new, logp_old, floor):
+    """RSPO (arXiv 2510.23027): the weight of an importance ratio, stopgrad(max(exp(-d), floor)),
+    d = mean over routing layers of |log p_new(k) - log p_old(k)| at the expert k the rollout
+    chose. logp_new, logp_old (..., layers): a step router has one layer."""
+    shift = (logp_new - logp_old).abs().mean(-1)
+    return torch.exp(-shift).clamp(min=floor).detach()
 
 
 def kl_k3(logp, ref_logp, mask):
@@ -744,6 +816,75 @@ def kl_k3(logp, ref_logp, mask):
     token-mean."""
     r = torch.where(mask, ref_logp - logp, 0)
     return masked_mean(r.exp() - r - 1, mask)
+
+
+def group_normalise(x, groups, use_std, singleton_baseline):
+    """Each value of x (n,) against the values of its group (groups (n,) integer ids), as verl-agent
+    normalises them: mean_std (use_std) (x - mean_g) / (std_g + 1e-6) with the unbiased std
+    (torch.std), or mean x - mean_g. A group of one value has std 1 and the mean 0
+    (singleton_baseline False: GRPO's episode groups, the raw score) or the value itself (True:
+    GiGPO's anchor groups, advantage 0). Equal values give 0."""
+    out = torch.empty_like(x)
+    for g in groups.unique():
+        members = groups == g
+        values = x[members]
+        if len(values) > 1:
+            mean, std = values.mean(), values.std()
+        elif singleton_baseline:
+            mean, std = values[0], 1.0
+        else:
+            mean, std = 0.0, 1.0
+        centred = values - mean
+        out[members] = centred / (std + 1e-6) if use_std else centred
+    return out
+
+
+def episode_returns(rewards, episodes):
+    """Each step's episode total of rewards (n,), for steps of episodes (n,) integer ids."""
+    totals = torch.zeros(int(episodes.max()) + 1).index_add_(0, episodes, rewards)
+    return totals[episodes]
+
+
+def grpo_advantages(env_rewards, invalid, episodes, games, use_std):
+    """GRPO's advantage of each step, as verl-agent computes it for multi-turn episodes: a step's
+    score is its episode's return (10 per win) minus the invalid-answer penalty of that step alone;
+    scores are normalised within their game group over every step (verl-agent's default
+    compute_mean_std_cross_steps: a longer episode weighs more). env_rewards, invalid (n,) float,
+    episodes, games (n,) integer ids."""
+    scores = episode_returns(env_rewards, episodes) - INVALID_PENALTY * invalid
+    return group_normalise(scores, games, use_std, singleton_baseline=False)
+
+
+def discounted_returns(rewards, episodes, gamma):
+    """R_t = r_t + gamma R_t+1 within each episode, from its last step backwards; rewards (n,) with
+    each episode's steps in order."""
+    returns = torch.empty_like(rewards)
+    running = defaultdict(float)
+    for i in reversed(range(len(rewards))):
+        e = int(episodes[i])
+        running[e] = rewards[i] + gamma * running[e]
+        returns[i] = running[e]
+    return returns
+
+
+def anchor_groups(games, observations):
+    """GiGPO's anchor states: one integer id per (game group, current observation text), so that
+    the steps of one game group whose observations are identical share a group, wherever they
+    occur (several times in one episode included)."""
+    ids = {}
+    keys = zip(games.tolist(), observations)
+    return torch.tensor([ids.setdefault(key, len(ids)) for key in keys])
+
+
+def gigpo_advantages(env_rewards, invalid, episodes, games, observations, gamma, w, use_std):
+    """GiGPO (Feng et al. 2025) as verl-agent computes it: A = A_episode + w A_step. A_episode is
+    grpo_advantages; A_step is the discounted return from the step (env rewards, then minus that
+    step's own invalid-answer penalty, not discounted into earlier steps), normalised within its
+    anchor group (anchor_groups; a group of one step gives 0)."""
+    step_returns = discounted_returns(env_rewards, episodes, gamma) - INVALID_PENALTY * invalid
+    anchors = anchor_groups(games, observations)
+    step_adv = group_normalise(step_returns, anchors, use_std, singleton_baseline=True)
+    return grpo_advantages(env_rewards, invalid, episodes, games, use_std) + w * step_adv
 
 
 def switch_penalty(p, p_next, valid):
@@ -830,14 +971,16 @@ class Agent(nn.Module):
         self.router = None
         if args.step_router:
             self.router = StepHead(d, K, hidden, layers).to(device)
-        self.critic = StepHead(d, 1, hidden, layers).to(device)
+        self.critic = None  # grpo and gigpo are critic-free
+        if args.has_critic:
+            self.critic = StepHead(d, 1, hidden, layers).to(device)
 
     def param_groups(self):
         a = self.args
         groups = [
             ("experts", list(self.experts.parameters()), a.lr_experts),
             ("router", list(self.router.parameters()) if self.router else [], a.lr_router),
-            ("critic", list(self.critic.parameters()), a.lr_critic),
+            ("critic", list(self.critic.parameters()) if self.critic else [], a.lr_critic),
         ]
         return [{"name": n, "params": p, "lr": lr} for n, p, lr in groups if p]
 
@@ -853,26 +996,37 @@ class Agent(nn.Module):
         ids = ids.to(self.device)
         ones = [torch.ones(len(s), dtype=torch.long) for s in seqs]
         attention = nn.utils.rnn.pad_sequence(ones, batch_first=True).to(self.device)
-        starts = torch.tensor(prompt_lens, device=self.device)
-        j = torch.arange(max(resp_lens), device=self.device)
-        lengths = torch.tensor(resp_lens, device=self.device)
-        mask = j[None] < lengths[:, None]  # (B, T)
         routed = self.routing(gates) if experts_on else contextlib.nullcontext()
         with routed:
             hidden = self.lm.base_model(
                 input_ids=ids, attention_mask=attention, use_cache=False
             ).last_hidden_state
-        # the n real response tokens: the sequence b of each and the position pos that predicts it
-        b = mask.nonzero(as_tuple=True)[0]  # (n,)
-        pos = (starts[:, None] + j[None] - 1)[mask]  # (n,)
+        mask, b, pos = response_positions(prompt_lens, resp_lens, self.device)
         head = self.lm.get_output_embeddings()
         logp, entropy = token_logp_entropy(hidden[b, pos], head, ids[b, pos + 1], temperature)
         blank = torch.zeros(mask.shape, device=self.device)
         return blank.masked_scatter(mask, logp), blank.masked_scatter(mask, entropy), mask
 
+    def response_router_probs(self, prompt_lens, resp_lens):
+        """Token routing: every layer's router probabilities (n, layers, K) at the positions that
+        predict the n real response tokens of the last pass (in response_logprobs' order)."""
+        _, b, pos = response_positions(prompt_lens, resp_lens, self.device)
+        return torch.stack([probs[b, pos] for probs in self.routing.token_probs], 1)
+
+
+def response_positions(prompt_lens, resp_lens, device):
+    """Right-padded prompt + response sequences: the mask (B, T) of real response tokens, and for
+    the n real ones the sequence b (n,) of each and the position pos (n,) that predicts it."""
+    starts = torch.tensor(prompt_lens, device=device)
+    j = torch.arange(max(resp_lens), device=device)
+    lengths = torch.tensor(resp_lens, device=device)
+    mask = j[None] < lengths[:, None]  # (B, T)
+    b = mask.nonzero(as_tuple=True)[0]  # (n,)
+    pos = (starts[:, None] + j[None] - 1)[mask]  # (n,)
+    return mask, b, pos
+
 
 # --- Rollout: N envs in lockstep, one routing decision and one generated response per env step ----
-INVALID_PENALTY = 0.1  # reward lost by an answer that is no admissible action (paper: 0.1)
 
 
 class StepFeatures:
@@ -973,6 +1127,10 @@ class Lanes:
     def live(self):
         return [n for n, done in enumerate(self.done) if not done]
 
+    def prompt(self, n, t, tok, prompt_format):
+        """Lane n's prompt at step t."""
+        return envs.fit_prompt(tok, prompt_format, self.infos[n], self.obs[n], self.history[n], t)
+
     def advance(self, n, action, invalid, result):
         """Lane n took `action` (its answer's text if invalid) and env_batch.step gave result."""
         next_obs, _, terminated, truncated, info = result
@@ -1014,12 +1172,7 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             else:
                 expert[live_idx] = torch.multinomial(p, 1)[:, 0]
             expert_p[live_idx] = p
-        prompts = [
-            envs.fit_prompt(
-                agent.tok, agent.prompt_format, lanes.infos[n], lanes.obs[n], lanes.history[n], t
-            )
-            for n in live
-        ]
+        prompts = [lanes.prompt(n, t, agent.tok, agent.prompt_format) for n in live]
         gates = step_gates_for(agent, live_idx, expert)  # (A, 1, K); token routing: None
         samples, voted = generate(agent, prompts, gates, temperature)
         k = expert[live_idx] if voted is None else voted  # dense: expert 0
@@ -1053,6 +1206,7 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             record(
                 steps,
                 reward=reward - INVALID_PENALTY * invalid[n],  # the invalid output is counted
+                env_reward=reward,
                 invalid=invalid[n],
                 terminated=terminated,
                 truncated=truncated,
@@ -1089,13 +1243,41 @@ def real_tokens(token_probs, seqs):
 
 @torch.no_grad()
 def prepare_batch(agent, steps):
-    """Values, GAE advantages (whitened over the batch) and returns; old and reference log-probs
-    per step; the router's inputs and what its losses pair and group."""
+    """Per step: its advantage (--advantage), the old and reference log-probs of its response, the
+    router's inputs and what its losses pair and group."""
     a, device = agent.args, agent.device
     lanes = torch.tensor(steps["lane"], device=device)
+    windows = torch.tensor(steps["window"], device=device)  # (S, L)
+    index_of = {(n, t): i for i, (n, t) in enumerate(zip(steps["lane"], steps["t"]))}
+    # the step t+1 of the same episode (the switch term's pair), -1 if none
+    next_step = [index_of.get((n, t + 1), -1) for n, t in zip(steps["lane"], steps["t"])]
+    batch = {
+        "windows": windows,
+        "lanes": lanes,
+        "k": torch.tensor(steps["k"], device=device),
+        "next": torch.tensor(next_step, device=device),
+        "router_windows": windows,
+        "router_p": torch.tensor(steps["router_p"], device=device),  # (S, K) at rollout time
+    }
+    if a.has_critic:
+        batch.update(critic_advantages(agent, steps, lanes, windows))
+    else:
+        batch["adv"] = group_advantages(steps, a).to(device)
+    if not a.routes_every_step:  # trajectory: the router decided once, from the first step
+        first = torch.tensor([index_of[(n, 0)] for n in steps["lane"]], device=device)
+        batch["router_windows"] = windows[first]
+    if a.routes_every_step:
+        batch["verb_logratio"] = verb_logratio(steps, device)
+    batch.update(old_and_reference_logprobs(agent, steps, batch))
+    return batch
+
+
+def critic_advantages(agent, steps, lanes, windows):
+    """--advantage gae: the critic's values, turn-level GAE advantages (whitened over the batch
+    of all ranks) and returns (A + V) per step."""
+    a, device = agent.args, agent.device
     ts = torch.tensor(steps["t"], device=device)
     N, T = steps["goal_states"].shape[0], int(ts.max()) + 1  # episodes, steps
-    windows = torch.tensor(steps["window"], device=device)  # (S, L)
     table, goal_states, goal_mask = steps["table"], steps["goal_states"], steps["goal_mask"]
     values = agent.critic(table[windows], goal_states[lanes], goal_mask[lanes])[:, 0]
 
@@ -1118,26 +1300,23 @@ def prepare_batch(agent, steps):
     dones = torch.where(valid, torch.maximum(terminated, truncated), 1.0)
     adv, ret = gae(rewards, V, next_V, terminated, dones, a.gamma, a.gae_lambda)
     adv = whiten(adv, valid)
-    index_of = {(n, t): i for i, (n, t) in enumerate(zip(steps["lane"], steps["t"]))}
-    # the step t+1 of the same episode (the switch term's pair), -1 if none
-    next_step = [index_of.get((n, t + 1), -1) for n, t in zip(steps["lane"], steps["t"])]
-    batch = {
-        "adv": adv[lanes, ts],
-        "ret": ret[lanes, ts],
-        "values": values,
-        "windows": windows,
-        "lanes": lanes,
-        "k": torch.tensor(steps["k"], device=device),
-        "next": torch.tensor(next_step, device=device),
-        "router_windows": windows,
-    }
-    if not a.routes_every_step:  # trajectory: the router decided once, from the first step
-        first = torch.tensor([index_of[(n, 0)] for n in steps["lane"]], device=device)
-        batch["router_windows"] = windows[first]
-    if a.routes_every_step:
-        batch["verb_logratio"] = verb_logratio(steps, device)
-    batch["old_logp"], batch["ref_logp"] = old_and_reference_logprobs(agent, steps, batch)
-    return batch
+    return {"adv": adv[lanes, ts], "ret": ret[lanes, ts], "values": values}
+
+
+def group_advantages(steps, a):
+    """--advantage grpo | gigpo: critic-free advantages within game groups (the lanes n // G of
+    this rank; a group never spans ranks), with no second whitening over the batch."""
+    games = torch.tensor([n // a.group_size for n in steps["lane"]])
+    episodes = torch.tensor(steps["lane"])
+    env_rewards = torch.tensor(steps["env_reward"], dtype=torch.float32)
+    invalid = torch.tensor(steps["invalid"], dtype=torch.float32)
+    use_std = a.adv_norm == "mean_std"
+    if a.advantage == "grpo":
+        return grpo_advantages(env_rewards, invalid, episodes, games, use_std)
+    observations = steps["obs"]
+    return gigpo_advantages(
+        env_rewards, invalid, episodes, games, observations, a.gamma, a.step_weight, use_std
+    )
 
 
 def verb_logratio(steps, device):
@@ -1156,9 +1335,13 @@ def verb_logratio(steps, device):
 def old_and_reference_logprobs(agent, steps, batch):
     """Per step, the response's log-probs under the rollout's policy (its experts, old) and under
     the frozen base (experts off, the reference), in batches of similar lengths (less padding)
-    whose memory is that of a PPO micro-batch."""
+    whose memory is that of a PPO micro-batch. Token routing with --rspo: also each response
+    token's expert per layer and its log-probability under the rollout's routers."""
     a = agent.args
-    old, ref = [None] * len(steps["seq"]), [None] * len(steps["seq"])
+    n_steps = len(steps["seq"])
+    out = {"old_logp": [None] * n_steps, "ref_logp": [None] * n_steps}
+    if a.rspo and a.token_routed:
+        out["old_choice"], out["old_choice_logp"] = [None] * n_steps, [None] * n_steps
     by_length = torch.tensor([len(s) for s in steps["seq"]]).argsort()
     for mb in by_length.split(a.micro_batch or a.minibatch):
         seqs = [steps["seq"][i] for i in mb]
@@ -1166,11 +1349,18 @@ def old_and_reference_logprobs(agent, steps, batch):
         lengths = [steps["resp_len"][i] for i in mb]
         gates = step_gates_for(agent, mb.to(agent.device), batch["k"])
         routed = agent.response_logprobs(seqs, starts, lengths, a.temperature, gates)[0]
+        if "old_choice" in out:  # (n, layers) per response token, before the next pass resets them
+            probs = agent.response_router_probs(starts, lengths)  # (n, layers, K)
+            choice = probs.argmax(-1)
+            choice_logp = probs.gather(-1, choice[..., None])[..., 0].log()
+            for i, c, lp in zip(mb.tolist(), choice.split(lengths), choice_logp.split(lengths)):
+                out["old_choice"][i] = c
+                out["old_choice_logp"][i] = lp
         base = agent.response_logprobs(seqs, starts, lengths, a.temperature, None, experts_on=False)
         for i, lp_old, lp_ref, n in zip(mb.tolist(), routed, base[0], lengths):
-            old[i] = lp_old[:n]
-            ref[i] = lp_ref[:n]
-    return old, ref
+            out["old_logp"][i] = lp_old[:n]
+            out["ref_logp"][i] = lp_ref[:n]
+    return out
 
 
 def router_losses(agent, steps, batch, mb, tau):
@@ -1183,7 +1373,10 @@ def router_losses(agent, steps, batch, mb, tau):
     Trajectory routing decides once per episode, from its first step, so it never switches: its
     p_t+1 would be p_t and the switch term 1 - sum_k p_k^2 a sharpening of p weighted by the
     episode's length; it has no switch term.
-    Returns gates (b, 1, K), {term: loss}, {statistic: value}."""
+    With --rspo, the router-shift weight of each step's ratio (router_shift_weight): the update
+    replays the rollout's expert choice, so the policy's tokens do not move with the router; the
+    weight damps the steps whose routing probability moved (a trust region on the router).
+    Returns gates (b, 1, K), {term: loss}, {statistic: value}, the RSPO weights (b,) or None."""
     a = agent.args
     n_steps = global_sum(len(mb))
     lanes, k = batch["lanes"][mb], batch["k"][mb]
@@ -1213,15 +1406,20 @@ def router_losses(agent, steps, batch, mb, tau):
         info = shared_sum((p * batch["verb_logratio"][mb]).sum() / n_steps)
         terms["info"] = -a.info_coef * info
         stats["verb_information"] = float(info.detach())
-    return step_gates(p, k), terms, stats
+    shift = None  # RSPO: how far each step's routing probability of its expert moved (b,)
+    if a.rspo:
+        chosen = k[:, None]
+        logp_old = batch["router_p"][mb].gather(1, chosen).log()
+        shift = router_shift_weight(p.gather(1, chosen).log(), logp_old, a.rspo_floor)
+    return step_gates(p, k), terms, stats, shift
 
 
-def policy_loss(agent, steps, batch, idx, gates):
+def policy_loss(agent, steps, batch, idx, gates, step_shift=None):
     """PPO's loss on the response tokens of steps idx, token means (each token carries its step's
     advantage):
         L = clipped surrogate + kl_coef KL_k3(pi || pi_ref) - ent_coef entropy
-    gates (b, 1, K), or None for token routing. Returns L, its statistics, and the number of
-    response tokens."""
+    gates (b, 1, K), or None for token routing; step_shift (b,): RSPO's weights of a step router.
+    Returns L, its statistics, and the number of response tokens."""
     a = agent.args
     seqs = [steps["seq"][i] for i in idx]
     starts = [steps["prompt_len"][i] for i in idx]
@@ -1230,7 +1428,12 @@ def policy_loss(agent, steps, batch, idx, gates):
     old = nn.utils.rnn.pad_sequence([batch["old_logp"][i] for i in idx], batch_first=True)
     ref = nn.utils.rnn.pad_sequence([batch["ref_logp"][i] for i in idx], batch_first=True)
     adv = batch["adv"][idx][:, None].expand_as(logp)  # (b, T)
-    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old, adv, mask, a.clip)
+    weight = None  # RSPO's router-shift weight of each token's ratio
+    if a.rspo and a.token_routed:
+        weight = token_router_shift(agent, batch, idx, starts, lengths, mask)
+    elif a.rspo:
+        weight = step_shift[:, None].expand_as(logp)
+    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old, adv, mask, a.clip, a.clip_c, weight)
     kl = kl_k3(logp, ref, mask)
     entropy = masked_mean(entropy, mask)
     ratio = torch.where(mask, logp - old, 0).exp()
@@ -1243,8 +1446,22 @@ def policy_loss(agent, steps, batch, idx, gates):
         "ratio": masked_mean(ratio, mask),
         "ratio_sq": masked_mean(ratio**2, mask),
     }
+    if weight is not None:
+        stats["rspo_weight"] = masked_mean(weight, mask)
     loss = pg_loss + a.kl_coef * kl - a.ent_coef * entropy
     return loss, {k: v.detach() for k, v in stats.items()}, sum(lengths)
+
+
+def token_router_shift(agent, batch, idx, starts, lengths, mask):
+    """RSPO for token routing: each response token's weight (b, T), from the shift of every layer's
+    router at the expert it chose in the rollout (router_shift_weight), read off the pass that
+    just ran; the per-layer choices of this pass are recomputed, as in the paper."""
+    probs = agent.response_router_probs(starts, lengths)  # (n, layers, K)
+    choice = torch.cat([batch["old_choice"][i] for i in idx])  # (n, layers)
+    logp_new = probs.gather(-1, choice[..., None])[..., 0].log()
+    logp_old = torch.cat([batch["old_choice_logp"][i] for i in idx])
+    weight = router_shift_weight(logp_new, logp_old, agent.args.rspo_floor)  # (n,)
+    return torch.ones(mask.shape, device=mask.device).masked_scatter(mask, weight)
 
 
 def token_balance_stats(agent, steps, mb):
@@ -1263,12 +1480,13 @@ def token_balance_stats(agent, steps, mb):
     ]
 
 
-def policy_backward(agent, steps, batch, mb, gates):
+def policy_backward(agent, steps, batch, mb, gates, shift=None):
     """Backward of the policy loss of minibatch mb in micro-batches of --micro_batch steps
     (gradient accumulation), each weighted by its share of the minibatch's response tokens on all
     ranks; token routing adds each layer's balance of its token router. gates: a leaf (b, 1, K)
-    cut from the router's graph (its gradient collects there), or None. Returns token-weighted
-    means of the statistics and the loss terms summed over micro-batches."""
+    cut from the router's graph (its gradient collects there), or None; shift (b,): a step
+    router's RSPO weights, or None. Returns token-weighted means of the statistics and the loss
+    terms summed over micro-batches."""
     a = agent.args
     tokens = global_sum(sum(steps["resp_len"][i] for i in mb))  # response tokens, all ranks
     parts = torch.arange(len(mb)).split(a.micro_batch or len(mb))
@@ -1280,8 +1498,9 @@ def policy_backward(agent, steps, batch, mb, gates):
     for part in parts:
         idx = mb[part]
         part_gates = None if gates is None else gates[part]
+        part_shift = None if shift is None else shift[part]
         with agent.routing(part_gates):  # --grad_ckpt replays the layers in backward: route alike
-            loss, stats, n_resp = policy_loss(agent, steps, batch, idx, part_gates)
+            loss, stats, n_resp = policy_loss(agent, steps, batch, idx, part_gates, part_shift)
             balance = 0
             if a.token_routed:  # this micro-batch's share of every layer's balance
                 seqs = [steps["seq"][i] for i in idx]
@@ -1334,35 +1553,47 @@ def optimizer_step(agent, opt):
 
 def ppo_minibatch(agent, opt, steps, batch, mb, tau):
     """One optimiser step on minibatch mb (this rank's steps): the router's losses and gates, the
-    critic's value loss, the policy loss through the LM, backward, step. Returns statistics."""
+    critic's value loss (gae), the policy loss through the LM, backward, step. Returns its
+    statistics."""
     a = agent.args
     n_steps = global_sum(len(mb))
     opt.zero_grad(set_to_none=True)
     for e in agent.experts:  # the minibatch's forward passes record the experts they route to
         e.chosen.zero_()
     gates = step_gates_for(agent, mb, batch["k"])
-    router_terms, router_stats = {}, {}
+    router_terms, stats, shift = {}, {}, None
     if a.step_router:
-        gates, router_terms, router_stats = router_losses(agent, steps, batch, mb, tau)
-    lanes = batch["lanes"][mb]
-    goal, goal_mask = steps["goal_states"][lanes], steps["goal_mask"][lanes]
-    values = agent.critic(steps["table"][batch["windows"][mb]], goal, goal_mask)[:, 0]
-    value_loss = shared_sum(0.5 * ((values - batch["ret"][mb]) ** 2).sum() / n_steps)
+        gates, router_terms, stats, shift = router_losses(agent, steps, batch, mb, tau)
+    aux_loss = sum(router_terms.values())  # the router's own terms and the critic's loss
+    value_loss = None
+    if a.has_critic:
+        lanes = batch["lanes"][mb]
+        goal, goal_mask = steps["goal_states"][lanes], steps["goal_mask"][lanes]
+        values = agent.critic(steps["table"][batch["windows"][mb]], goal, goal_mask)[:, 0]
+        value_loss = shared_sum(0.5 * ((values - batch["ret"][mb]) ** 2).sum() / n_steps)
+        aux_loss = a.vf_coef * value_loss + aux_loss
     # The LM's micro-batches see the gates as a leaf cut from the router's graph; their summed
     # gradient goes through the router once, with the critic's and the router's own terms.
     gates_leaf = None
     if gates is not None:
         gates_leaf = gates.detach().requires_grad_(gates.requires_grad)
-    policy_stats, checked = policy_backward(agent, steps, batch, mb, gates_leaf)
-    check_finite({**checked, "value_loss": value_loss, **router_terms})
-    losses = [a.vf_coef * value_loss + sum(router_terms.values())]
-    grads = [None]
+    policy_stats, checked = policy_backward(agent, steps, batch, mb, gates_leaf, shift)
+    stats.update(policy_stats)
+    if value_loss is not None:
+        checked["value_loss"] = value_loss
+        stats["value_loss"] = float(value_loss.detach())
+    check_finite({**checked, **router_terms})
+    losses, grads = [], []
+    if torch.is_tensor(aux_loss):
+        losses.append(aux_loss)
+        grads.append(None)
     if gates_leaf is not None and gates_leaf.grad is not None:
         losses.append(gates)
         grads.append(gates_leaf.grad)
-    torch.autograd.backward(losses, grads)
+    if losses:
+        torch.autograd.backward(losses, grads)
     optimizer_step(agent, opt)
-    return {**router_stats, **policy_stats, "value_loss": float(value_loss.detach())}
+    return stats
 
 
 def ppo_update(agent, opt, steps, batch, tau_state):
@@ -1383,11 +1614,12 @@ def ppo_update(agent, opt, steps, batch, tau_state):
     trained = {f"parameter {n}": p for n, p in agent.named_parameters() if p.requires_grad}
     check_finite(trained)
     out = {key: float(np.mean(v)) for key, v in stats.items()}
-    values = torch.cat(all_gather(batch["values"].cpu()))
-    returns = torch.cat(all_gather(batch["ret"].cpu()))
-    out["explained_variance"] = float("nan")
-    if returns.var() != 0:
-        out["explained_variance"] = float(1 - (returns - values).var() / returns.var())
+    if a.has_critic:  # how much of the returns' variance the critic explained at rollout time
+        values = torch.cat(all_gather(batch["values"].cpu()))
+        returns = torch.cat(all_gather(batch["ret"].cpu()))
+        out["explained_variance"] = float("nan")
+        if returns.var() != 0:
+            out["explained_variance"] = float(1 - (returns - values).var() / returns.var())
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
     return out
 
@@ -1429,7 +1661,7 @@ def train(args):
             t0 = time.time()
             anneal_learning_rates(opt, initial_lrs, it, args)
             tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
-            seeds = [args.seed * 1_000_003 + it * args.num_envs + n for n in lanes]
+            seeds = episode_seeds(args, it, lanes)
             steps = rollout(agent, env_batch, seeds, tau, args.temperature, greedy_router=False)
             times = {"rollout_s": time.time() - t0}
             all_steps = gather_steps(steps, lanes)  # every rank's steps, for the statistics
@@ -1459,6 +1691,13 @@ def train(args):
             )
             last = m
     return last
+
+
+def episode_seeds(args, it, lanes):
+    """The seed of each lane's episode in iteration it: the G lanes of a game group (n // G) share
+    one, so they play the same game (toy: the same episode; alfworld: the same game file)."""
+    first = args.seed * 1_000_003 + it * args.num_envs
+    return [first + n // args.group_size for n in lanes]
 
 
 def anneal_learning_rates(opt, initial_lrs, it, args):

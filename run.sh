@@ -54,7 +54,7 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   # on 80 GB --grad_ckpt false (faster: no replayed forward)
   preset=(--env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --action_format tagged --max_new_tokens 512 --history 2
           --max_steps 50 --num_envs 32 --iterations 150 --eval_every 10 --eval_episodes 128 --minibatch 8
-          --micro_batch 8 --grad_ckpt true --epochs 1 --clip 0.2 --rank 32 --router_hidden 256 --router_layers 3
+          --micro_batch 8 --grad_ckpt true --epochs 1 --clip 0.2 --clip_c 3 --rank 32 --router_hidden 256 --router_layers 3
           --ent_coef 0.001 --lr_experts 1e-6 --lr_router 1e-4 --lr_critic 1e-5 --anneal_lr false --out_dir runs/pamoe-gpu)
 elif [ "$job" = "alfworld" ]; then
   # CPU: the whole ALFWorld path with the tiny model on the project's offline mini game set

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -295,6 +296,137 @@ def test_ppo_loss_clips_only_in_the_advantages_favour_and_kl_is_k3_of_pi_against
     )
     with pytest.raises(ValueError):
         pamoe.masked_mean(logp, torch.zeros(1, 5, dtype=torch.bool))
+
+
+def test_dual_clip_bounds_a_negative_advantages_loss_and_the_log_ratio_is_clamped():
+    """verl's dual clip (c = 3): a token with A < 0 costs at most -c A however large its ratio;
+    ratios below c and positive advantages are untouched; the log-ratio is clamped to [-20, 20]."""
+    adv = torch.tensor([[-1.0, -1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    logp = torch.tensor([[20.0, 2.0, 20.0, 1.1]]).log().requires_grad_()
+    old = torch.zeros(1, 4)
+    dual, _, _ = pamoe.ppo_policy_loss(logp, old, adv, mask, 0.2, clip_c=3.0)
+    plain, _, _ = pamoe.ppo_policy_loss(logp.detach(), old, adv, mask, 0.2)
+    # per token: min(max(20, 1.2), 3) = 3; 2 (below c); -1.2 (clipped, A > 0); 2.2 (below 2 c)
+    assert float(dual.detach()) == pytest.approx((3 + 2 - 1.2 + 2.2) / 4)
+    assert float(plain) == pytest.approx((20 + 2 - 1.2 + 2.2) / 4)
+    dual.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0 and logp.grad[0, 1] != 0
+    far = torch.tensor([[50.0, -50.0]])
+    loss, _, approx_kl = pamoe.ppo_policy_loss(
+        far, torch.zeros(1, 2), torch.ones(1, 2), mask[:, :2], 0.2
+    )
+    assert float(approx_kl) == pytest.approx(0.0) and torch.isfinite(loss)  # -20 and +20: mean 0
+
+
+def test_rspo_weight_is_the_floored_exponential_of_the_mean_router_shift():
+    new = torch.tensor([[-0.1, -0.5], [-1.0, -1.0], [-0.2, -3.0]], requires_grad=True)
+    old = torch.tensor([[-0.1, -0.3], [-1.0, -1.0], [-0.2, -0.2]])
+    w = pamoe.router_shift_weight(new, old, 0.8)
+    naive = [
+        max(math.exp(-sum(abs(a - b) for a, b in zip(n, o)) / 2), 0.8)
+        for n, o in zip(new.tolist(), old.tolist())
+    ]
+    torch.testing.assert_close(w, torch.tensor(naive))
+    assert w[1] == 1 and w[2] == 0.8 and not w.requires_grad  # unmoved: 1; far moved: the floor
+
+
+def naive_group(values, groups, use_std, singleton_baseline):
+    """verl-agent's group normalisation written out: per value, the statistics of its group."""
+    out = []
+    for v, g in zip(values, groups):
+        members = [x for x, h in zip(values, groups) if h == g]
+        if len(members) > 1:
+            mean, std = sum(members) / len(members), statistics.stdev(members)
+        else:
+            mean, std = (v if singleton_baseline else 0.0), 1.0
+        out.append((v - mean) / (std + 1e-6) if use_std else v - mean)
+    return out
+
+
+# Two games of two episodes each; the steps run episode by episode in order. Game 0's episodes
+# meet the same observation at different steps ("A" twice in episode 0, once in episode 1), "C"
+# occurs once (a singleton anchor group); episode 1 wins, episode 0 answers once invalidly.
+GROUPED = dict(
+    episodes=[0, 0, 0, 1, 1, 2, 2, 3],
+    games=[0, 0, 0, 0, 0, 1, 1, 1],
+    rewards=[0.0, 0.0, 0.0, 0.0, 10.0, 0.0, 10.0, 10.0],
+    invalid=[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+    observations=["A", "B", "A", "A", "C", "D", "E", "D"],
+)
+
+
+@pytest.mark.parametrize("use_std", [True, False], ids=["mean_std", "mean"])
+def test_grpo_and_gigpo_advantages_equal_naive_loops_over_groups_and_anchor_states(use_std):
+    g = GROUPED
+    tensors = {k: torch.tensor(v) for k, v in g.items() if k != "observations"}
+    episode_total = [
+        sum(r for r, e in zip(g["rewards"], g["episodes"]) if e == ep) for ep in g["episodes"]
+    ]
+    scores = [t - 0.1 * bad for t, bad in zip(episode_total, g["invalid"])]
+    grpo = naive_group(scores, g["games"], use_std, singleton_baseline=False)
+    got = pamoe.grpo_advantages(
+        tensors["rewards"], tensors["invalid"], tensors["episodes"], tensors["games"], use_std
+    )
+    torch.testing.assert_close(got, torch.tensor(grpo))
+    returns = []  # discounted returns from each step, then minus that step's own penalty
+    for i, (ep, bad) in enumerate(zip(g["episodes"], g["invalid"])):
+        later = [r for r, e in zip(g["rewards"][i:], g["episodes"][i:]) if e == ep]
+        returns.append(sum(0.95**j * r for j, r in enumerate(later)) - 0.1 * bad)
+    anchors = [f"{game}/{obs}" for game, obs in zip(g["games"], g["observations"])]
+    step = naive_group(returns, anchors, use_std, singleton_baseline=True)
+    assert step[4] == 0  # "C": a group of one step
+    got = pamoe.gigpo_advantages(
+        tensors["rewards"],
+        tensors["invalid"],
+        tensors["episodes"],
+        tensors["games"],
+        g["observations"],
+        0.95,
+        0.5,
+        use_std,
+    )
+    torch.testing.assert_close(got, torch.tensor([a + 0.5 * b for a, b in zip(grpo, step)]))
+    # a group of one episode with one step: its raw score (GRPO), no step advantage (GiGPO)
+    one = [torch.tensor(x) for x in ([10.0], [0.0], [0], [0])]
+    assert float(pamoe.grpo_advantages(*one, use_std)) == pytest.approx(10 / (1 + 1e-6))
+    assert float(pamoe.gigpo_advantages(*one, ["x"], 0.95, 1.0, use_std)) == pytest.approx(
+        10 / (1 + 1e-6) if use_std else 10
+    )
+
+
+def test_grouped_rollouts_play_one_game_per_group_and_grpo_builds_no_critic(tmp_path):
+    """--group_size G: the G lanes of a group get one seed (the same toy game), groups differ;
+    grpo and gigpo train without a critic: no critic parameters, no value loss."""
+    args = pamoe.parse_args(SMALL + ["--num_envs", "8", "--group_size", "4", "--advantage", "grpo"])
+    seeds = pamoe.episode_seeds(args, 3, range(8))
+    assert len(set(seeds[:4])) == 1 and len(set(seeds[4:])) == 1 and seeds[0] != seeds[4]
+    ungrouped = pamoe.parse_args(SMALL + ["--num_envs", "8"])
+    assert len(set(pamoe.episode_seeds(ungrouped, 3, range(8)))) == 8
+    batch = envs.make_env_batch("toy", 8, 6)
+    first = batch.reset(seeds)
+    assert first[0] == first[3] and first[4] == first[7]  # the game of its group
+    out = str(tmp_path / "run")
+    flags = ["--advantage", "gigpo", "--group_size", "2", "--iterations", "1", "--out_dir", out]
+    last = pamoe.main(SMALL + flags)
+    assert (
+        "value_loss" not in last
+        and "explained_variance" not in last
+        and math.isfinite(last["pg_loss"])
+    )
+    trained = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["trainable"]
+    assert not any(n.startswith("critic.") for n in trained)
+    assert make_agent("--advantage", "gigpo", "--group_size", "2").critic is None
+
+
+@pytest.mark.parametrize("routing", ["phase", "token"])
+def test_rspo_trains_with_weights_between_its_floor_and_one(tmp_path, routing):
+    out = str(tmp_path / "run")
+    flags = ["--routing", routing, "--rspo", "--rspo_floor", "0.9", "--minibatch", "4"]
+    last = pamoe.main(SMALL + flags + ["--iterations", "2", "--out_dir", out])
+    weights = [m["rspo_weight"] for m in read_metrics(out)]
+    assert all(0.9 <= w <= 1 for w in weights) and min(weights) < 1  # the router moved after a step
+    assert math.isfinite(last["pg_loss"])
 
 
 def test_whitening_gives_mean_zero_and_standard_deviation_one_over_the_mask():
@@ -702,6 +834,17 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("grad_ckpt", ["--grad_ckpt", "2"]),
     ("micro_batch", ["--micro_batch", "-1"]),
     ("micro_batch", ["--micro_batch", "1.5"]),
+    ("advantage", ["--advantage", "ppo"]),
+    ("group_size", ["--advantage", "grpo"]),
+    ("group_size", ["--group_size", "0"]),
+    ("group_size", ["--num_envs", "4", "--group_size", "3"]),
+    ("adv_norm", ["--adv_norm", "std"]),
+    ("step_weight", ["--step_weight", "-1"]),
+    ("clip_c", ["--clip_c", "0.5"]),
+    ("clip_c", ["--clip_c", "-3"]),
+    ("rspo", ["--rspo", "--routing", "dense"]),
+    ("rspo", ["--rspo", "maybe"]),
+    ("rspo_floor", ["--rspo_floor", "1.5"]),
     ("no_such_flag", ["--no_such_flag", "1"]),
 ]
 
@@ -1833,54 +1976,33 @@ def test_generate_samples_from_the_distribution_ppo_scores_whatever_the_models_g
     assert max(rl) > 1 and mask.sum() == sum(rl)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("env", ["toy", "alfworld"])
-def test_the_gpu_users_path_on_cpu(hf_model, mini, tmp_path, env, dtype):
+GPU_USER_CASES = {
+    "toy, float32": ["--env", "toy"],
+    "toy, bfloat16": ["--env", "toy", "--dtype", "bfloat16"],
+    "alfworld, float32": ["--env", "alfworld"],
+    "alfworld, bfloat16": ["--env", "alfworld", "--dtype", "bfloat16"],
+    "alfworld, the paper's GiGPO in game groups, dual clip": (
+        "--env alfworld --advantage gigpo --group_size 2 --clip_c 3"
+    ).split(),
+}
+
+
+@pytest.mark.parametrize("case", GPU_USER_CASES)
+def test_the_gpu_users_path_on_cpu(hf_model, mini, tmp_path, case):
     """`pamoe.py --model <folder> --action_format tagged` as on a GPU, minus CUDA: a Hugging Face
     model folder with a byte-level tokenizer and a chat template, micro-batches and activation
-    checkpointing, one iteration and an evaluation, in float32 and in bf16."""
+    checkpointing, one iteration and an evaluation, in float32 and in bf16, with GAE or GiGPO."""
     out = str(tmp_path / "run")
-    last = pamoe.main(
-        SMALL
-        + [
-            "--model",
-            hf_model,
-            "--action_format",
-            "tagged",
-            "--max_new_tokens",
-            "24",
-            "--env",
-            env,
-            "--alfworld_data",
-            mini,
-            "--max_prompt_tokens",
-            "384",
-            "--num_envs",
-            "2",
-            "--max_steps",
-            "3",
-            "--router_window",
-            "3",
-            "--iterations",
-            "1",
-            "--eval_every",
-            "1",
-            "--eval_episodes",
-            "2",
-            "--micro_batch",
-            "2",
-            "--grad_ckpt",
-            "true",
-            "--dtype",
-            dtype,
-            "--out_dir",
-            out,
-        ]
-    )
-    assert (
-        last["env_steps"] == 6 and math.isfinite(last["pg_loss"]) and 0 <= last["eval/success"] <= 1
-    )
+    flags = (
+        "--action_format tagged --max_new_tokens 24 --max_prompt_tokens 384 --num_envs 2 "
+        "--max_steps 3 --router_window 3 --iterations 1 --eval_every 1 --eval_episodes 2 "
+        "--micro_batch 2 --grad_ckpt true"
+    ).split()
+    paths = ["--model", hf_model, "--alfworld_data", mini, "--out_dir", out]
+    last = pamoe.main(SMALL + flags + paths + GPU_USER_CASES[case])
+    assert last["env_steps"] == 6 and math.isfinite(last["pg_loss"])
     assert 1 <= last["resp_len_mean"] <= last["resp_len_max"] <= 24
+    dtype = "bfloat16" if "bfloat16" in case else "float32"
     agent = make_agent("--model", hf_model, "--dtype", dtype)
     # the frozen base; experts, routers and critic stay float32
     assert agent.lm.dtype == getattr(torch, dtype)
@@ -1889,25 +2011,16 @@ def test_the_gpu_users_path_on_cpu(hf_model, mini, tmp_path, env, dtype):
 
 PREFLIGHTS = {
     "tiny": ["--max_new_tokens", "4"],
-    "tiny, bf16, checkpointed, micro-batches": [
-        "--max_new_tokens",
-        "4",
-        "--dtype",
-        "bfloat16",
-        "--grad_ckpt",
-        "--micro_batch",
-        "2",
-    ],
-    "the GPU user's first command, before any game is downloaded": [
-        "--model",
-        "HF",
-        "--env",
-        "alfworld",
-        "--action_format",
-        "tagged",
-        "--max_new_tokens",
-        "16",
-    ],
+    "tiny, bf16, checkpointed, micro-batches": (
+        "--max_new_tokens 4 --dtype bfloat16 --grad_ckpt --micro_batch 2"
+    ).split(),
+    "the GPU user's first command, before any game is downloaded": (
+        "--model HF --env alfworld --action_format tagged --max_new_tokens 16"
+    ).split(),
+    "the paper's setting: GiGPO in game groups, dual clip": (
+        "--model HF --env alfworld --action_format tagged --max_new_tokens 16 --advantage gigpo "
+        "--group_size 4 --clip_c 3"
+    ).split(),
 }
 
 
@@ -1997,25 +2110,15 @@ def take_lanes(R, lanes):
 
 UPDATE_CASES = {
     "phase": ["--routing", "phase"],
-    "phase, sq balance, routing information, micro-batches": [
-        "--routing",
-        "phase",
-        "--balance",
-        "sq",
-        "--info_coef",
-        "1",
-        "--micro_batch",
-        "5",
-    ],
+    "phase, sq balance, routing information, micro-batches": (
+        "--routing phase --balance sq --info_coef 1 --micro_batch 5"
+    ).split(),
     "token": ["--routing", "token"],
-    "token, sq balance, micro-batches": [
-        "--routing",
-        "token",
-        "--balance",
-        "sq",
-        "--micro_batch",
-        "5",
-    ],
+    "token, sq balance, micro-batches": "--routing token --balance sq --micro_batch 5".split(),
+    "phase, gigpo in groups of 2, dual clip, rspo": (
+        "--routing phase --advantage gigpo --group_size 2 --clip_c 3 --rspo"
+    ).split(),
+    "token, rspo": "--routing token --rspo".split(),
 }
 
 
