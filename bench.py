@@ -776,15 +776,20 @@ def ci(x, stat=mean):
 # --------------------------------------------------------------------------------------------------
 # The routing ablation: pamoe.py runs in subprocesses, then the tables
 # --------------------------------------------------------------------------------------------------
-def arms(K, r):
-    """The paper's granularity ablation plus one LoRA of the experts' total size."""
-    return {
+def arm_table(K, r, custom=()):
+    """The arms an ablation can run: the paper's granularity ablation, one LoRA of the experts'
+    total size, and the --arm NAME=FLAGS ones (pamoe.py flags of that arm)."""
+    table = {
         "dense": ["--routing", "dense"],
         f"dense r={K * r}": ["--routing", "dense", "--dense_rank", str(K * r)],
         "trajectory": ["--routing", "trajectory"],
         "token": ["--routing", "token"],
         "phase": ["--routing", "phase"],
     }
+    for spec in custom:
+        name, _, flags = spec.partition("=")
+        table[name] = flags.split()
+    return table
 
 
 # set by the ablation itself
@@ -848,61 +853,41 @@ def run_ablation(opts, passthrough, command):
     # bad flags stop here, once
     base_args = pamoe.parse_args([*passthrough, "--iterations", str(opts.iterations)])
     K, r = base_args.num_experts, base_args.rank
-    table, names = arms(K, r), opts.routings.split(",") if opts.routings else list(arms(K, r))
+    table = arm_table(K, r, opts.arm)
+    if opts.routings:
+        names = opts.routings.split(",")
+    elif opts.arm:
+        names = [spec.partition("=")[0] for spec in opts.arm]
+    else:
+        names = list(arm_table(K, r))
+    problems = []
     unknown = [n for n in names if n not in table]
+    if unknown:
+        problems.append(f"unknown --routings {unknown}; use {', '.join(table)} or --arm NAME=FLAGS")
     clash = [f for f in passthrough if f.split("=")[0] in RESERVED]
-    need = [f"unknown --routings {unknown}; use {', '.join(table)}"] if unknown else []
-    need += (
-        [f"the ablation sets {', '.join(RESERVED)} itself (got {', '.join(clash)})"]
-        if clash
-        else []
-    )
-    if need:
-        raise SystemExit(f"bench.py: error: {'; '.join(need)}")
+    if clash:
+        problems.append(f"the ablation sets {', '.join(RESERVED)} itself (got {', '.join(clash)})")
+    if problems:
+        raise SystemExit(f"bench.py: error: {'; '.join(problems)}")
     seeds, t0 = [int(s) for s in opts.seeds.split(",")], time.time()
+    model = {s: [] for s in seeds}
     if base_args.model == "tiny":  # one warmed-up base per seed, shared by the arms
         for s in seeds:
-            save_base(
-                pamoe.parse_args([*passthrough, "--seed", str(s)]),
-                os.path.join(opts.out_dir, f"base-seed{s}"),
-            )
-    model = {
-        s: ["--model", os.path.join(opts.out_dir, f"base-seed{s}")]
-        if base_args.model == "tiny"
-        else []
-        for s in seeds
-    }
-    jobs = [
-        (n, s, os.path.join(opts.out_dir, f"{n.replace(' ', '-').replace('=', '')}-seed{s}"))
-        for s in seeds
-        for n in names
-    ]
-    jobs = [
-        (
-            n,
-            s,
-            out,
-            [
-                *passthrough,
-                *table[n],
-                *model[s],
-                "--seed",
-                str(s),
-                "--iterations",
-                str(opts.iterations),
-                "--out_dir",
-                out,
-            ],
-        )
-        for n, s, out in jobs
-    ]
+            folder = os.path.join(opts.out_dir, f"base-seed{s}")
+            save_base(pamoe.parse_args([*passthrough, "--seed", str(s)]), folder)
+            model[s] = ["--model", folder]
+    jobs = []
+    for s in seeds:
+        for n in names:
+            out = os.path.join(opts.out_dir, f"{n.replace(' ', '-').replace('=', '')}-seed{s}")
+            run = ["--seed", str(s), "--iterations", str(opts.iterations), "--out_dir", out]
+            jobs.append((n, s, out, [*passthrough, *table[n], *model[s], *run]))
     todo = [j for j in jobs if finished(j[2], j[3]) is None]
     workers = opts.jobs or max(1, min(len(todo), os.cpu_count() or 1))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
     print(
         f"ablation: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {workers} at a time "
-        f"-> {opts.out_dir}"
-        f" (bases {time.time() - t0:.0f} s)",
+        f"-> {opts.out_dir} (bases {time.time() - t0:.0f} s)",
         flush=True,
     )
     run_jobs(todo, workers, env, t0)
@@ -913,11 +898,12 @@ def run_ablation(opts, passthrough, command):
             f"bench.py: error: ablation runs without results: {missing}; rerun the same command to "
             f"resume them (their logs: stdout.log in each run's folder)"
         )
-    report = (
-        f"Routing ablation, {time.strftime('%Y-%m-%d')}: `{command}` ({len(seeds)} seeds, "
-        f"{(time.time() - t0) / 60:.1f} min wall for the runs not already done)\n\n"
-        + ablation_tables(results, names, seeds)
+    minutes = (time.time() - t0) / 60
+    header = (
+        f"Ablation, {time.strftime('%Y-%m-%d')}: `{command}` ({len(seeds)} seeds, "
+        f"{minutes:.1f} min wall for the runs not already done)"
     )
+    report = header + "\n\n" + ablation_tables(results, names, seeds, opts.reference)
     with open(os.path.join(opts.out_dir, "ablation.md"), "w") as f:
         f.write(report + "\n")
     print(report)
@@ -1015,94 +1001,93 @@ def run_summary(lines):
     return out
 
 
-def ablation_tables(results, names, seeds):
+def ablation_tables(results, names, seeds, reference="phase"):
     """Markdown: per arm, means over seeds with 95% bootstrap intervals (final, mid-budget, area
-    under the curve), IQM, per task type; phase against every other arm (difference of means,
-    probability of improvement); the mechanism diagnostics (occupancy, conflict)."""
+    under the curve), IQM, per task type; the reference arm against every other arm (difference of
+    means, probability of improvement, a verdict); the mechanism diagnostics (occupancy,
+    conflict)."""
     runs = {n: [run_summary(results[(n, s)]) for s in seeds] for n in names}
     mid_it = runs[names[0]][0]["mid_iteration"]
+    types = " | ".join(envs.TASK_TYPES)
     out = [
         f"Success at the final evaluation, at iteration {mid_it} (mid-budget) and the area under "
-        "the evaluation "
-        f"curve (mean success over training); mean over seeds [95% bootstrap interval]:",
+        "the evaluation curve (mean success over training); mean over seeds [95% bootstrap "
+        "interval]:",
         "",
-        "| routing | final | final IQM | final sd | mid-budget | area under curve | "
-        + " | ".join(envs.TASK_TYPES)
-        + " | switches / episode | phase NMI | experts >= 5% | clip fraction |",
+        f"| arm | final | final IQM | final sd | mid-budget | area under curve | {types} | "
+        "switches / episode | phase NMI | experts >= 5% | clip fraction |",
         "|" + "---|" * 14,
     ]
     for n in names:
-        R = runs[n]
-        col = {key: [r[key] for r in R] for key in R[0] if key not in ("occupancy",)}
-        out.append(
-            f"| {n} | {ci(col['final'])} | {ci(col['final'], iqm)} | "
-            f"{np.std(col['final'], ddof=1):.2f} | "
-            f"{ci(col['mid'])} | {ci(col['auc'])} | "
-            + " | ".join(
-                f"{np.mean(v):.2f}" if (v := [x for x in col[t] if x is not None]) else "-"
-                for t in envs.TASK_TYPES
-            )
-            + f" | {np.mean(col['switches']):.1f} | {np.mean(col['phase_nmi']):.2f} | "
-            f"{np.mean(col['experts_used']):.1f} | {np.mean(col['clipfrac']):.2f} |"
-        )
-    if "phase" in names:
-        out += [
-            "",
-            "Phase routing against each arm: difference of the means [95% interval], probability "
-            "that a phase "
-            "run beats a run of the arm, P(phase > arm) [95% interval]:",
-            "",
-            "| arm | final | mid-budget | area under curve | P(phase > arm), area |",
-            "|---|---|---|---|---|",
+        col = {key: [r[key] for r in runs[n]] for key in runs[n][0] if key != "occupancy"}
+        per_type = []
+        for t in envs.TASK_TYPES:
+            seen = [x for x in col[t] if x is not None]
+            per_type.append(f"{np.mean(seen):.2f}" if seen else "-")
+        cells = [
+            ci(col["final"]),
+            ci(col["final"], iqm),
+            f"{np.std(col['final'], ddof=1):.2f}",
+            ci(col["mid"]),
+            ci(col["auc"]),
+            *per_type,
+            f"{np.mean(col['switches']):.1f}",
+            f"{np.mean(col['phase_nmi']):.2f}",
+            f"{np.mean(col['experts_used']):.1f}",
+            f"{np.mean(col['clipfrac']):.2f}",
         ]
-        ph = runs["phase"]
-        for n in names:
-            if n == "phase":
-                continue
-            cells = []
-            for key in ("final", "mid", "auc"):
-                d, (lo, hi) = difference([r[key] for r in ph], [r[key] for r in runs[n]])
-                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-            p, (lo, hi) = improvement([r["auc"] for r in ph], [r["auc"] for r in runs[n]])
-            out.append(f"| {n} | " + " | ".join(cells) + f" | {p:.2f} [{lo:.2f}, {hi:.2f}] |")
-        if "dense" in names:
-            out += [
-                "",
-                "Verdict (area under the curve): "
-                + verdict(
-                    [r["auc"] for r in ph],
-                    [r["auc"] for r in runs["dense"]],
-                    ("phase routing", "one LoRA"),
-                ),
-                "Verdict (final): "
-                + verdict(
-                    [r["final"] for r in ph],
-                    [r["final"] for r in runs["dense"]],
-                    ("phase routing", "one LoRA"),
-                ),
-            ]
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    if reference in names:
+        out += comparison_tables(runs, names, reference)
     out += [
         "",
         "Mechanism diagnostics over the evaluated iterations (mean over seeds): each task type's "
-        "share of an "
-        "expert's policy-gradient norm (occupancy; a run's experts ordered from the most to the "
-        "least pick-heavy, "
-        "experts that got no step left out) and the mean cosine between the task types' gradients "
-        "(conflict):",
+        "share of an expert's policy-gradient norm (occupancy; a run's experts ordered from the "
+        "most to the least pick-heavy, experts that got no step left out) and the mean cosine "
+        "between the task types' gradients (conflict):",
         "",
-        "| routing | expert | " + " | ".join(envs.TASK_TYPES) + " | runs | conflict |",
+        f"| arm | expert | {types} | runs | conflict |",
         "|" + "---|" * 8,
     ]
     for n in names:
-        R, conflict = runs[n], ci([r["conflict"] for r in runs[n]])
-        for rank in range(max(len(r["occupancy"]) for r in R)):
-            have = [r["occupancy"][rank] for r in R if len(r["occupancy"]) > rank]
+        conflict = ci([r["conflict"] for r in runs[n]])
+        for rank in range(max(len(r["occupancy"]) for r in runs[n])):
+            have = [r["occupancy"][rank] for r in runs[n] if len(r["occupancy"]) > rank]
+            shares = " | ".join(f"{np.mean([h[t] for h in have]):.2f}" for t in envs.TASK_TYPES)
+            first = rank == 0
             out.append(
-                f"| {n if rank == 0 else ''} | {rank + 1} | "
-                + " | ".join(f"{np.mean([h[t] for h in have]):.2f}" for t in envs.TASK_TYPES)
-                + f" | {len(have)} | {conflict if rank == 0 else ''} |"
+                f"| {n if first else ''} | {rank + 1} | {shares} | {len(have)} | "
+                f"{conflict if first else ''} |"
             )
     return "\n".join(out)
+
+
+def comparison_tables(runs, names, reference):
+    """The reference arm against every other arm: differences of the means with their intervals,
+    the probability of improvement, and what the intervals allow one to say."""
+    ref = runs[reference]
+    out = [
+        "",
+        f"{reference} against each arm: difference of the means [95% interval], probability that "
+        f"a {reference} run beats a run of the arm, P({reference} > arm) [95% interval]:",
+        "",
+        f"| arm | final | mid-budget | area under curve | P({reference} > arm), area |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for n in names:
+        if n == reference:
+            continue
+        cells = []
+        for key in ("final", "mid", "auc"):
+            d, (lo, hi) = difference([r[key] for r in ref], [r[key] for r in runs[n]])
+            cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+        p, (lo, hi) = improvement([r["auc"] for r in ref], [r["auc"] for r in runs[n]])
+        out.append(f"| {n} | " + " | ".join(cells) + f" | {p:.2f} [{lo:.2f}, {hi:.2f}] |")
+        for key, what in (("auc", "area under the curve"), ("final", "final")):
+            said = verdict([r[key] for r in ref], [r[key] for r in runs[n]], (reference, n))
+            verdicts.append(f"Verdict ({what}): {said}")
+    return out + [""] + verdicts
 
 
 def probe(opts, passthrough):
@@ -1349,7 +1334,17 @@ def main(argv=None):
     parser.add_argument(
         "--routings",
         default="",
-        help="comma list of dense, 'dense r=<K*r>', trajectory, token, phase (default: all)",
+        help="comma list of dense, 'dense r=<K*r>', trajectory, token, phase (default: all, or the "
+        "--arm ones)",
+    )
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        help="an arm of its own, NAME=FLAGS (pamoe.py flags, e.g. 'grpo=--advantage grpo'); repeat",
+    )
+    parser.add_argument(
+        "--reference", default="phase", help="the arm every other is compared with (default: phase)"
     )
     parser.add_argument("--seeds", default="1,2,3,4,5,6,7,8", help="comma list of seeds")
     parser.add_argument(

@@ -1582,57 +1582,34 @@ def test_bootstrap_interval_iqm_difference_and_probability_of_improvement():
 def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_intervals(
     tmp_path, capsys
 ):
-    """bench.py ablation in miniature (2 arms x 2 seeds, 1 iteration): each seed's `tiny` base is
-    built once and loaded by every arm, giving the agent (weights and tokenizer) `--model tiny`
-    gives; the report has intervals, the comparison with phase routing and the diagnostics; a second
-    call finds every run done."""
+    """bench.py ablation in miniature (3 arms x 2 seeds, 1 iteration; one arm of its own with
+    --arm): each seed's `tiny` base is built once and loaded by every arm, giving the agent
+    (weights and tokenizer) `--model tiny` gives; the report has intervals, the comparison with the
+    reference arm and the diagnostics; a second call finds every run done."""
     import bench
 
     out = str(tmp_path / "ablation")
     flags = SMALL + ["--eval_every", "1", "--eval_episodes", "4", "--tiny_steps", "3"]
-    bench.main(
-        [
-            "ablation",
-            "--routings",
-            "phase,dense",
-            "--seeds",
-            "1,2",
-            "--iterations",
-            "1",
-            "--jobs",
-            "2",
-            "--out_dir",
-            out,
-            *flags,
-        ]
+    command = (
+        f"ablation --routings phase,dense,g2 --seeds 1,2 --iterations 1 --out_dir {out}".split()
+        + ["--arm", "g2=--advantage grpo --group_size 2"]
     )
+    bench.main([*command, "--jobs", "2", *flags])
     report = open(os.path.join(out, "ablation.md")).read()
     for needle in (
         "| phase | ",
-        "| dense | ",
         "| dense | +",
-        "Verdict (area under the curve): phase routing",
-        "occupancy",
-        "conflict",
+        "| g2 | +",
+        "Verdict (area under the curve): phase ",
     ):
         assert needle in report, needle
+    assert "occupancy" in report and "conflict" in report
     assert re.search(r"\| phase \| \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", report)  # mean [95% interval]
+    args = json.load(open(os.path.join(out, "g2-seed1", "args.json")))
+    assert args[args.index("--advantage") + 1] == "grpo"
     capsys.readouterr()
-    bench.main(
-        [
-            "ablation",
-            "--routings",
-            "phase,dense",
-            "--seeds",
-            "1,2",
-            "--iterations",
-            "1",
-            "--out_dir",
-            out,
-            *flags,
-        ]
-    )
-    assert "4 runs (4 already done)" in capsys.readouterr().out
+    bench.main([*command, *flags])
+    assert "6 runs (6 already done)" in capsys.readouterr().out
     built = make_agent("--tiny_steps", "3", seed=1)
     loaded = make_agent("--tiny_steps", "3", "--model", os.path.join(out, "base-seed1"), seed=1)
     for (n, a), (m, b) in zip(built.state_dict().items(), loaded.state_dict().items()):
