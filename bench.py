@@ -821,19 +821,10 @@ def save_base(a, folder):
     """The frozen `tiny` base of a seed, built and warmed up once and saved as a Hugging Face
     folder: every routing of that seed loads it (--model folder) instead of repeating the warm-up;
     pamoe.Agent seeds the experts alike."""
-    record = {
-        k: getattr(a, k)
-        for k in (
-            "env",
-            "seed",
-            "tiny_steps",
-            "tiny_prior",
-            "max_steps",
-            "history",
-            "action_format",
-            "alfworld_data",
-        )
-    }
+    names = (
+        "env toy_variant seed tiny_steps tiny_prior max_steps history action_format alfworld_data"
+    )
+    record = {k: getattr(a, k) for k in names.split()}
     record["code"] = [
         open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)).read()
         for f in ("pamoe.py", "envs.py")

@@ -76,14 +76,12 @@ class ToyEnv:
         self.contents = {p: [] for p in PLACES}
         self.contents[obj_place].append(self.obj)
         self.contents[distractor_place].append(f"{distractor} 1")
-        self.at, self.holding, self.transformed, self.won, self.failed, self.t = (
-            None,
-            None,
-            False,
-            False,
-            False,
-            0,
-        )
+        self.at = None  # the place the agent is at
+        self.holding = None
+        self.transformed = False
+        self.won = False
+        self.failed = False
+        self.t = 0
         if self.task_type == "pick":
             self.goal = f"put some {target_obj} in {self.target}."
         else:
@@ -193,11 +191,187 @@ class ToyEnv:
         )
 
 
-class ToyBatch:
-    """N toy envs stepped in lockstep."""
+# --------------------------------------------------------------------------------------------------
+# The conflict variant (--toy_variant conflict): the demo's toy moved towards ALFWorld, so that task
+# types can ask for different answers in the same state. Each change copies a fact of alfworld
+# 0.4.2's text engine (checked on this project's mini game set):
+# - the fridge and the microwave are closed: putting an object in needs `open` first, while a held
+#   object is cooled or heated with the closed appliance; the sink basin is open (`move` and
+#   `clean` are both admissible there);
+# - appliances are targets too ("put some apple in fridge 1"): holding an apple at the closed
+#   fridge, pick wants `open fridge 1`, cool wants `cool apple 1 with fridge 1`;
+# - the admissible commands come in alphabetical order and `go to` leaves out the place the agent
+#   is at, so the number of an action changes from state to state;
+# - the carry line (ALFWorld's `inventory` answer) names the object without its state ("You are
+#   carrying: a potato 1"): whether it was transformed is told by the history (--history 2);
+# - four open storage places where objects start (ALFWorld rooms have many receptacles).
+# The demo toy's one departure stays: an untransformed object put at the target fails the task.
+# --------------------------------------------------------------------------------------------------
+CONFLICT_STORAGE = ["countertop 1", "diningtable 1", "shelf 1", "sidetable 1"]
+CONFLICT_PLACES = CONFLICT_STORAGE + ["sinkbasin 1", "microwave 1", "fridge 1"]
+CLOSED = ("microwave 1", "fridge 1")  # openable appliances, closed at the start
 
-    def __init__(self, n, max_steps=20):
-        self.envs = [ToyEnv(max_steps) for _ in range(n)]
+
+class ConflictToyEnv(ToyEnv):
+    """ToyEnv's tasks in the conflict variant's room (see above)."""
+
+    def reset(self, seed):
+        rng = random.Random(seed)
+        self.task_type = rng.choices(TASK_TYPES, TASK_MIX)[0]
+        target_obj, distractor = rng.sample(OBJECTS, 2)
+        self.obj = f"{target_obj} 1"
+        obj_place, distractor_place = rng.sample(CONFLICT_STORAGE, 2)
+        own_appliance = TRANSFORMS[self.task_type][0] if self.task_type != "pick" else None
+        targets = [p for p in CONFLICT_PLACES if p not in (obj_place, own_appliance)]
+        self.target = rng.choice(targets)
+        self.contents = {p: [] for p in CONFLICT_PLACES}
+        self.contents[obj_place].append(self.obj)
+        self.contents[distractor_place].append(f"{distractor} 1")
+        self.opened = set()
+        self.at = None
+        self.holding = None
+        self.transformed = False
+        self.won = False
+        self.failed = False
+        self.t = 0
+        if self.task_type == "pick":
+            self.goal = f"put some {target_obj} in {self.target}."
+        else:
+            self.goal = f"put a {TRANSFORMS[self.task_type][2]} {target_obj} in {self.target}."
+        seen = ", ".join(f"a {p}" for p in sorted(CONFLICT_PLACES))
+        obs = f"You are in the middle of a room. Looking quickly around you, you see {seen}."
+        return obs, self._info()
+
+    def is_open(self, place):
+        return place not in CLOSED or place in self.opened
+
+    def admissible(self):
+        """ALFWorld's commands for this state, in alphabetical order: go to every other place;
+        here, open a closed appliance, take what lies here (hands empty), transform the held
+        object at an appliance, move it here (an open place)."""
+        cmds = [f"go to {p}" for p in CONFLICT_PLACES if p != self.at]
+        if self.at is not None:
+            if not self.is_open(self.at):
+                cmds.append(f"open {self.at}")
+            if self.holding is None and self.is_open(self.at):
+                cmds += [f"take {o} from {self.at}" for o in self.contents[self.at]]
+            if self.holding is not None and self.at in APPLIANCE_VERB:
+                cmds.append(f"{APPLIANCE_VERB[self.at]} {self.holding} with {self.at}")
+            if self.holding is not None and self.is_open(self.at):
+                cmds.append(f"move {self.holding} to {self.at}")
+        return sorted(cmds)
+
+    def describe(self, place):
+        """What the agent sees arriving at (or opening) a place."""
+        things = ", ".join(f"a {o}" for o in self.contents[place]) or "nothing"
+        if place not in CLOSED:
+            return f"On the {place}, you see {things}."
+        if place not in self.opened:
+            return f"The {place} is closed."
+        return f"The {place} is open. In it, you see {things}."
+
+    def step(self, action):
+        """As ToyEnv.step, with `open` and this room's observations; the carry line names the
+        object only."""
+        assert not (self.won or self.failed) and self.t < self.max_steps, (
+            "step() after the episode ended; call reset()"
+        )
+        self.t += 1
+        action = action.strip().lower()
+        obs = "Nothing happens."
+        if action in self.admissible():
+            verb, _, rest = action.partition(" ")
+            if action.startswith("go to "):
+                self.at = action[len("go to ") :]
+                obs = f"You arrive at {self.at}. {self.describe(self.at)}"
+            elif verb == "open":
+                self.opened.add(self.at)
+                obs = f"You open the {self.at}. {self.describe(self.at)}"
+            elif verb == "take":
+                self.holding = rest.split(" from ")[0]
+                self.contents[self.at].remove(self.holding)
+                obs = f"You pick up the {self.holding} from the {self.at}."
+            elif verb == "move":
+                obs = f"You move the {self.holding} to the {self.at}."
+                self.contents[self.at].append(self.holding)
+                placed = self.holding == self.obj and self.at == self.target
+                self.won = placed and (self.task_type == "pick" or self.transformed)
+                self.failed = placed and not self.won  # untransformed: the task fails
+                self.holding = None
+            else:  # clean / heat / cool
+                right = TRANSFORMS.get(self.task_type, ("",))[0] == self.at
+                self.transformed |= self.holding == self.obj and right
+                obs = f"You {verb} the {self.holding} using the {self.at}."
+        if self.holding is not None:
+            obs += f" You are carrying: a {self.holding}."
+        truncated = not (self.won or self.failed) and self.t >= self.max_steps
+        return obs, WIN_REWARD * self.won, self.won or self.failed, truncated, self._info()
+
+    def solve(self):
+        """Scripted solver: the next command of a shortest solution, read off the true state."""
+        if self.holding is not None and self.holding != self.obj:  # put it down on storage
+            if self.at in CONFLICT_STORAGE:
+                return f"move {self.holding} to {self.at}"
+            return f"go to {CONFLICT_STORAGE[0]}"
+        if self.holding is None:
+            if self.at is not None and self.obj in self.contents[self.at]:
+                return f"take {self.obj} from {self.at}"
+            where = next(p for p in CONFLICT_PLACES if self.obj in self.contents[p])
+            return f"go to {where}"
+        if self.task_type != "pick" and not self.transformed:
+            appliance, verb, _ = TRANSFORMS[self.task_type]
+            if self.at == appliance:
+                return f"{verb} {self.obj} with {appliance}"
+            return f"go to {appliance}"
+        if self.at != self.target:
+            return f"go to {self.target}"
+        if not self.is_open(self.at):
+            return f"open {self.at}"
+        return f"move {self.obj} to {self.target}"
+
+
+class PlantedToyEnv(ToyEnv):
+    """A planted conflict, the positive control of the conflict metric (--toy_variant planted): two
+    task types, pick and clean, whose one-step episodes show the same goal and observation and are
+    won by opposite answers, so that their policy gradients must point apart."""
+
+    WANTS = {"pick": "go to shelf 1", "clean": "go to countertop 1"}
+
+    def reset(self, seed):
+        self.task_type = random.Random(seed).choice(sorted(self.WANTS))
+        self.goal = "put some apple in shelf 1."
+        self.at = None
+        self.holding = None
+        self.won = False
+        self.failed = False
+        self.t = 0
+        obs = "You are in the middle of a room. Looking quickly around you, you see a shelf 1."
+        return obs, self._info()
+
+    def admissible(self):
+        return ["go to countertop 1", "go to shelf 1"]
+
+    def phase(self):
+        return "find"
+
+    def step(self, action):
+        self.t += 1
+        self.won = action.strip().lower() == self.WANTS[self.task_type]
+        self.failed = not self.won
+        return "Nothing happens.", WIN_REWARD * self.won, True, False, self._info()
+
+    def solve(self):
+        return self.WANTS[self.task_type]
+
+
+TOY_VARIANTS = {"demo": ToyEnv, "conflict": ConflictToyEnv, "planted": PlantedToyEnv}
+
+
+class ToyBatch:
+    """N toy envs (of a TOY_VARIANTS variant) stepped in lockstep."""
+
+    def __init__(self, n, max_steps=20, variant="demo"):
+        self.envs = [TOY_VARIANTS[variant](max_steps) for _ in range(n)]
         self.max_steps = max_steps
 
     def reset(self, seeds):
@@ -761,11 +935,11 @@ ENVS = ("toy", "alfworld")
 TASK_COLUMNS = {"toy": TASK_TYPES, "alfworld": list(ALFWORLD_TASKS.values())}
 
 
-def make_env_batch(name, n, max_steps, split="train", data=None):
-    """toy: every split draws from the same generator (training and evaluation seeds never meet);
-    alfworld: the split's games under `data`."""
+def make_env_batch(name, n, max_steps, split="train", data=None, variant="demo"):
+    """toy (of a TOY_VARIANTS variant): every split draws from the same generator (training and
+    evaluation seeds never meet); alfworld: the split's games under `data`."""
     if name == "toy":
-        return ToyBatch(n, max_steps)
+        return ToyBatch(n, max_steps, variant)
     if name == "alfworld":
         return AlfworldBatch(n, max_steps, data, split)
     raise ValueError(f"unknown env {name!r}; use one of {ENVS}")
@@ -944,7 +1118,9 @@ def saved_tiny_tokenizer(folder):
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def pretrain_tiny(model, tok, env, seed, steps, prior, prompt_format, alfworld_data=None, batch=32):
+def pretrain_tiny(
+    model, tok, env, seed, steps, prior, prompt_format, alfworld_data=None, variant="demo", batch=32
+):
     """Stand-in for pretraining, `tiny` only: `steps` supervised steps on the base before it is
     frozen, on the prompts of toy episodes played by a noisy solver (each step the scripted
     solver's command with probability q = prior, else a uniformly drawn admissible one). Loss:
@@ -960,7 +1136,7 @@ def pretrain_tiny(model, tok, env, seed, steps, prior, prompt_format, alfworld_d
     rng = random.Random(seed)
     q = prior if env == "toy" else 0.0  # alfworld: no solver
     prompts, n_labels, solver = noisy_solver_prompts(
-        env, q, rng, prompt_format, alfworld_data, batch
+        env, q, rng, prompt_format, alfworld_data, variant, batch
     )
     label_ids = [tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))]
     label_ids = torch.tensor(label_ids)
@@ -991,12 +1167,12 @@ def pretrain_tiny(model, tok, env, seed, steps, prior, prompt_format, alfworld_d
         opt.step()
 
 
-def noisy_solver_prompts(env, q, rng, prompt_format, alfworld_data, batch):
+def noisy_solver_prompts(env, q, rng, prompt_format, alfworld_data, variant, batch):
     """The prompts of 4 x batch episodes played by the noisy solver (the solver's command with
     probability q, else a random admissible one), each with its number of listed actions and the
     solver's label (alfworld: no solver, the first action stands in)."""
     f = prompt_format
-    env_batch = make_env_batch(env, batch, f.max_steps, "train", alfworld_data)
+    env_batch = make_env_batch(env, batch, f.max_steps, "train", alfworld_data, variant)
     prompts, n_labels, solver = [], [], []
     with contextlib.closing(env_batch):
         for ep in range(4):
@@ -1051,7 +1227,7 @@ with the desklamp. go to take move put in on open close use heat cool clean slic
 inventory look help with from to."""
 
 
-def vocabulary(env="toy", max_labels=60):
+def vocabulary(env="toy", max_labels=60, variant="demo"):
     """Every word the toy env and the prompt can produce: the vocabulary of the `tiny` model's
     tokenizer. For
     alfworld: also the engine's sentences and every object and receptacle type alfworld knows."""
@@ -1068,7 +1244,7 @@ def vocabulary(env="toy", max_labels=60):
             | set(names)
         )
         return sorted(words)
-    env, texts = ToyEnv(max_steps=100), list(ANSWER.values())
+    env, texts = TOY_VARIANTS[variant](max_steps=100), list(ANSWER.values())
     for seed in range(100):  # solved episodes, probing a bad command at every state
         obs, info = env.reset(seed)
         while True:

@@ -77,6 +77,11 @@ def need(ok, message):
 class Args:
     # run
     env: str = arg("toy", "environment: toy | alfworld")
+    toy_variant: str = arg(
+        "demo",
+        "toy: demo (the CPU demo's) | conflict (closer to ALFWorld: task types that want different "
+        "answers in one state; envs.py)",
+    )
     alfworld_data: str = arg(
         "", "alfworld: games folder (default $ALFWORLD_DATA): official, or envs.py's mini set"
     )
@@ -132,7 +137,9 @@ class Args:
     ckpt_every: int = arg(10, "checkpoint every N iterations (and after the last)")
     # experts
     routing: str = arg(
-        "phase", "phase | token | trajectory | dense (the paper's granularity ablation)"
+        "phase",
+        "phase | token | trajectory | dense (the paper's granularity ablation) | task_oracle | "
+        "phase_oracle (the expert is the task type's, or the toy's hidden phase's; no router)",
     )
     num_experts: int = arg(4, "K: LoRA experts")
     rank: int = arg(32, "r: LoRA rank of each expert")
@@ -207,6 +214,14 @@ class Args:
         True, "learning rates decay linearly to 0 over --iterations (cleanrl; paper: constant)"
     )
     weight_decay: float = arg(0.01, "AdamW weight decay")
+    task_norm: bool = arg(
+        False,
+        "gae: whiten advantages within each task type, not over the whole batch (a per-task scale, "
+        "as PopArt; a remedy for interference that does not route)",
+    )
+    diagnose_until: int = arg(
+        0, "the mechanism diagnostics (occupancy, conflict) at every iteration up to N too"
+    )
 
     def validate(self, games=True):
         """Every flag by its meaning, before any model loads. games=False: a run that plays no game
@@ -220,6 +235,15 @@ class Args:
                 within(value, interval),
                 f"--{name} {value} is out of range; use a value in {interval}",
             )
+        need(
+            self.toy_variant == "demo" or self.env == "toy",
+            f"--toy_variant {self.toy_variant} is a variant of the toy env; drop it or use "
+            f"--env toy",
+        )
+        need(
+            self.routing != "phase_oracle" or self.env == "toy",
+            "--routing phase_oracle reads the toy's hidden phase; use --env toy",
+        )
         if self.env == "alfworld":
             need(
                 importlib.util.find_spec("alfworld") is not None,
@@ -251,6 +275,17 @@ class Args:
             min(self.num_envs, evaluated) >= world,
             f"--num_envs {self.num_envs} and --eval_episodes {self.eval_episodes}: too few for "
             f"{world} processes; use >= {world}",
+        )
+        task_types = len(envs.TASK_COLUMNS[self.env])
+        need(
+            self.routing != "task_oracle" or self.num_experts >= task_types,
+            f"--routing task_oracle gives each of the {task_types} task types its expert: use "
+            f"--num_experts >= {task_types}",
+        )
+        need(
+            not self.task_norm or self.advantage == "gae",
+            f"--task_norm whitens GAE advantages per task type; --advantage {self.advantage} "
+            f"normalises within game groups already: drop one of them",
         )
         need(
             self.advantage == "gae" or self.group_size >= 2,
@@ -350,6 +385,11 @@ class Args:
         return self.routing == "phase"
 
     @property
+    def oracle(self):
+        """The expert of a step is given by the environment (task type or hidden phase)."""
+        return self.routing in ("task_oracle", "phase_oracle")
+
+    @property
     def has_critic(self):
         """GAE needs a critic; grpo and gigpo are critic-free."""
         return self.advantage == "gae"
@@ -405,16 +445,18 @@ RANGES = {
     "step_weight": "[0, inf)",
     "clip_c": "[0, inf)",
     "rspo_floor": "[0, 1]",
+    "diagnose_until": "[0, inf)",
 }
 CHOICES = {
     "env": envs.ENVS,
     "eval_split": ("eval_in_distribution", "eval_out_of_distribution"),
     "device": ("auto", "cpu", "cuda"),
     "action_format": tuple(envs.ANSWER),
-    "routing": ("phase", "token", "trajectory", "dense"),
+    "routing": ("phase", "token", "trajectory", "dense", "task_oracle", "phase_oracle"),
     "balance": ("switch", "sq"),
     "dtype": ("auto", "float32", "bfloat16"),
     "advantage": ("gae", "grpo", "gigpo"),
+    "toy_variant": tuple(envs.TOY_VARIANTS),
     "adv_norm": ("mean_std", "mean"),
 }
 LETTERS = "ABCDEFGHIJKLMNOP"  # expert names in tables, metrics and exports
@@ -501,7 +543,8 @@ def load_model(args, device):
     else:
         dtype = torch.float32
     if args.model == "tiny":
-        model, tok = envs.build_tiny(envs.vocabulary(args.env), args.seed)
+        vocabulary = envs.vocabulary(args.env, variant=args.toy_variant)
+        model, tok = envs.build_tiny(vocabulary, args.seed)
         envs.pretrain_tiny(
             model,
             tok,
@@ -511,6 +554,7 @@ def load_model(args, device):
             prior=args.tiny_prior,
             prompt_format=prompt_format(args),
             alfworld_data=args.alfworld_data,
+            variant=args.toy_variant,
         )
     else:
         model, tok = load_pretrained(args.model, dtype)
@@ -1105,6 +1149,21 @@ def generate(agent, prompts, gates, temperature):
     return samples, voted
 
 
+def choose(p, greedy):
+    """Experts (B,) from router probabilities p (B, K): the argmax (evaluation) or a sample."""
+    if greedy:
+        return p.argmax(-1)
+    return torch.multinomial(p, 1)[:, 0]
+
+
+def oracle_expert(args, info):
+    """task_oracle: the index of the step's task type; phase_oracle: the index of the toy's hidden
+    phase, the last expert taking the phases beyond K."""
+    if args.routing == "task_oracle":
+        return envs.TASK_COLUMNS[args.env].index(info["task_type"])
+    return min(envs.PHASES.index(info["phase"]), args.num_experts - 1)
+
+
 def record(steps, **fields):
     """Append one step's fields to the rollout's per-step lists."""
     for key, value in fields.items():
@@ -1167,11 +1226,11 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
         if a.step_router and (a.routes_every_step or t == 0):  # trajectory: at step 0 only
             goal, mask = goal_states[live_idx], goal_mask[live_idx]
             p = router_probs(agent.router, features.table()[windows], goal, mask, tau)  # (A, K)
-            if greedy_router:
-                expert[live_idx] = p.argmax(-1)
-            else:
-                expert[live_idx] = torch.multinomial(p, 1)[:, 0]
+            expert[live_idx] = choose(p, greedy_router)
             expert_p[live_idx] = p
+        if a.oracle:
+            given = [oracle_expert(a, lanes.infos[n]) for n in live]
+            expert[live_idx] = torch.tensor(given, device=device)
         prompts = [lanes.prompt(n, t, agent.tok, agent.prompt_format) for n in live]
         gates = step_gates_for(agent, live_idx, expert)  # (A, 1, K); token routing: None
         samples, voted = generate(agent, prompts, gates, temperature)
@@ -1299,7 +1358,12 @@ def critic_advantages(agent, steps, lanes, windows):
         next_V[cut, lengths[cut] - 1] = final_V
     dones = torch.where(valid, torch.maximum(terminated, truncated), 1.0)
     adv, ret = gae(rewards, V, next_V, terminated, dones, a.gamma, a.gae_lambda)
-    adv = whiten(adv, valid)
+    if a.task_norm:  # each task type's advantages whitened among themselves
+        columns = envs.TASK_COLUMNS[a.env]
+        task = grid([columns.index(c) for c in steps["task_type"]])
+        adv = sum(whiten(adv, valid & (task == c)) for c in range(len(columns)))
+    else:
+        adv = whiten(adv, valid)
     return {"adv": adv[lanes, ts], "ret": ret[lanes, ts], "values": values}
 
 
@@ -1414,12 +1478,13 @@ def router_losses(agent, steps, batch, mb, tau):
     return step_gates(p, k), terms, stats, shift
 
 
-def policy_loss(agent, steps, batch, idx, gates, step_shift=None):
+def policy_loss(agent, steps, batch, idx, gates, step_shift=None, pg_only=False):
     """PPO's loss on the response tokens of steps idx, token means (each token carries its step's
     advantage):
         L = clipped surrogate + kl_coef KL_k3(pi || pi_ref) - ent_coef entropy
     gates (b, 1, K), or None for token routing; step_shift (b,): RSPO's weights of a step router.
-    Returns L, its statistics, and the number of response tokens."""
+    Returns L, its statistics (detached, but with pg_only the surrogate itself: the diagnostics'
+    gradient), and the number of response tokens."""
     a = agent.args
     seqs = [steps["seq"][i] for i in idx]
     starts = [steps["prompt_len"][i] for i in idx]
@@ -1449,7 +1514,10 @@ def policy_loss(agent, steps, batch, idx, gates, step_shift=None):
     if weight is not None:
         stats["rspo_weight"] = masked_mean(weight, mask)
     loss = pg_loss + a.kl_coef * kl - a.ent_coef * entropy
-    return loss, {k: v.detach() for k, v in stats.items()}, sum(lengths)
+    stats = {k: v.detach() for k, v in stats.items()}
+    if pg_only:
+        stats["pg_loss"] = pg_loss
+    return loss, stats, sum(lengths)
 
 
 def token_router_shift(agent, batch, idx, starts, lengths, mask):
@@ -1644,7 +1712,7 @@ def train(args):
         log_metrics(args.out_dir, {"iteration": 0, **report_evaluation(agent, 0, args.tau_start)})
     lanes = my_lanes(args.num_envs)
     env_batch = envs.make_env_batch(
-        args.env, len(lanes), args.max_steps, "train", args.alfworld_data
+        args.env, len(lanes), args.max_steps, "train", args.alfworld_data, args.toy_variant
     )
     last = {}
     with contextlib.closing(env_batch):  # workers end with the run, however it ends
@@ -1670,7 +1738,7 @@ def train(args):
                 batch = prepare_batch(agent, steps)
                 times["prepare_s"] = time.time() - t0 - times["rollout_s"]
                 diagnostics = {}
-                if evaluating:  # at the rollout's parameters, before the update changes them
+                if evaluating or it <= args.diagnose_until:  # before the update moves anything
                     diagnostics = expert_diagnostics(agent, steps, batch)
                 stats = {**ppo_update(agent, opt, steps, batch, tau_state), **diagnostics}
             except NonFiniteError as e:
@@ -1830,8 +1898,8 @@ def save_checkpoint(path, agent, opt, iteration, tau_state):
 
 # the flags that define what a checkpoint holds (`tiny` builds its base from --env, --seed, ...)
 MODEL_FLAGS = (
-    "model env seed tiny_steps tiny_prior routing num_experts rank dense_rank alpha targets "
-    "router_hidden router_layers"
+    "model env toy_variant seed tiny_steps tiny_prior routing num_experts rank dense_rank alpha "
+    "targets router_hidden router_layers"
 ).split()
 CHECKPOINT_KEYS = {
     "trainable",
@@ -2029,28 +2097,32 @@ def iteration_metrics(it, all_steps, stats, times, args, t0):
 def expert_diagnostics(agent, steps, batch):
     """The paper's parameter occupancy (its Fig. 1) and gradient conflict, over one rollout at the
     rollout's parameters (ratio 1): g_k,c is the gradient, w.r.t. expert k's A and B, of the share
-    of the policy loss that the steps of task type c carry (their response tokens / all).
-        occupancy/<k>/<c> = |g_k,c| / sum_c' |g_k,c'|     which task types train expert k
-        conflict/<k> = mean over pairs c != c' of cos(g_k,c, g_k,c')   (pairs of non-zero g)"""
-    a, K = agent.args, agent.args.experts[0]
+    of the policy-gradient term (the clipped surrogate alone) that the steps of task type c carry
+    (their response tokens / all); g_k,c = g_k,c,0 + g_k,c,1 over the episodes of even and odd
+    lanes, two halves drawn from one distribution.
+        occupancy/<k>/<c> = |g_k,c| / sum_c' |g_k,c'|         which task types train expert k
+        conflict/<k> = mean over pairs c != c' of cos(g_k,c, g_k,c')     (pairs of non-zero g)
+        conflict_pick/<k> = mean over c != pick of cos(g_k,pick, g_k,c)   the frequent type
+        coherence/<k> = mean over c of cos(g_k,c,0, g_k,c,1)   the split-half noise floor"""
+    K = agent.args.experts[0]
     params = [p for k in range(K) for e in agent.experts for p in (e.A[k], e.B[k])]  # by expert
     types = sorted({c for part in all_gather(steps["task_type"]) for c in part})
     tokens = global_sum(sum(steps["resp_len"]))
-    g = {}
+    halves = {}  # (c, half) -> (K, n): expert k's A and B in every wrapped linear
     for c in types:
-        acc = [torch.zeros_like(p) for p in params]
-        idx = torch.tensor(
-            [i for i, t in enumerate(steps["task_type"]) if t == c], dtype=torch.long
-        )
-        parts = idx.split(a.micro_batch or a.minibatch) if len(idx) else []  # a rank may have none
-        for part in parts:
-            gates = step_gates_for(agent, part.to(agent.device), batch["k"])
-            with agent.routing(gates):  # backward inside: --grad_ckpt replays with these gates
-                loss, _, n_resp = policy_loss(agent, steps, batch, part, gates)
-                grads = torch.autograd.grad(n_resp / tokens * loss, params)
-                acc = [x + y for x, y in zip(acc, grads)]
-        # (K, n): expert k's A and B in every wrapped linear
-        g[c] = global_sum(torch.cat([x.flatten() for x in acc])).view(K, -1)
+        for half in (0, 1):
+            steps_of = [
+                i
+                for i, (t, n) in enumerate(zip(steps["task_type"], steps["lane"]))
+                if t == c and n % 2 == half
+            ]
+            grads = policy_gradient(agent, steps, batch, steps_of, params, tokens)
+            halves[c, half] = global_sum(torch.cat([x.flatten() for x in grads])).view(K, -1)
+    g = {c: halves[c, 0] + halves[c, 1] for c in types}
+
+    def cos(x, y):
+        return float(F.cosine_similarity(x, y, dim=0))
+
     out = {}
     for k in range(K):
         norms = {c: float(g[c][k].norm()) for c in types}
@@ -2059,14 +2131,38 @@ def expert_diagnostics(agent, steps, batch):
             continue
         for c, norm in norms.items():
             out[f"occupancy/{LETTERS[k]}/{c}"] = norm / total
-        cosines = []
-        for i, c in enumerate(types):
-            for d in types[i + 1 :]:
-                if norms[c] > 0 and norms[d] > 0:
-                    cosines.append(float(F.cosine_similarity(g[c][k], g[d][k], dim=0)))
-        if cosines:  # none: one task type only
-            out[f"conflict/{LETTERS[k]}"] = float(np.mean(cosines))
+        live = [c for c in types if norms[c] > 0]
+        pairs = [(c, d) for i, c in enumerate(live) for d in live[i + 1 :]]
+        if pairs:  # none: one task type only
+            out[f"conflict/{LETTERS[k]}"] = float(
+                np.mean([cos(g[c][k], g[d][k]) for c, d in pairs])
+            )
+        if "pick" in live and len(live) > 1:
+            rare = [cos(g["pick"][k], g[c][k]) for c in live if c != "pick"]
+            out[f"conflict_pick/{LETTERS[k]}"] = float(np.mean(rare))
+        split = [
+            cos(halves[c, 0][k], halves[c, 1][k])
+            for c in live
+            if halves[c, 0][k].norm() > 0 and halves[c, 1][k].norm() > 0
+        ]
+        if split:
+            out[f"coherence/{LETTERS[k]}"] = float(np.mean(split))
     return out
+
+
+def policy_gradient(agent, steps, batch, idx, params, tokens):
+    """The gradient w.r.t. params of the policy-gradient term's share that the steps idx carry
+    (their response tokens / all tokens), at the rollout's routing; zeros for no steps."""
+    a = agent.args
+    acc = [torch.zeros_like(p) for p in params]
+    idx = torch.tensor(idx, dtype=torch.long)
+    for part in idx.split(a.micro_batch or a.minibatch) if len(idx) else []:
+        gates = step_gates_for(agent, part.to(agent.device), batch["k"])
+        with agent.routing(gates):  # backward inside: --grad_ckpt replays with these gates
+            _, stats, n_resp = policy_loss(agent, steps, batch, part, gates, pg_only=True)
+            grads = torch.autograd.grad(n_resp / tokens * stats["pg_loss"], params)
+            acc = [x + y for x, y in zip(acc, grads)]
+    return acc
 
 
 def nmi(a, b):
@@ -2088,7 +2184,9 @@ def evaluate(agent, tau):
     --show prints)."""
     a = agent.args
     lanes = my_lanes(a.eval_episodes)  # this rank's share of the fixed episodes
-    env_batch = envs.make_env_batch(a.env, len(lanes), a.max_steps, a.eval_split, a.alfworld_data)
+    env_batch = envs.make_env_batch(
+        a.env, len(lanes), a.max_steps, a.eval_split, a.alfworld_data, a.toy_variant
+    )
     seeds = [EVAL_SEED + i for i in lanes]
     # a sampling stream of its own: the same policy always scores the same, training is untouched
     devices = [agent.device] if agent.device.type == "cuda" else []

@@ -616,50 +616,91 @@ def test_nmi_against_hand_computed_values():
 
 
 def test_occupancy_and_conflict_are_each_task_types_gradient_of_each_expert():
-    """expert_diagnostics against a naive loop: g_k,c summed step by step (each step's token-mean
-    policy loss weighted by its share of all response tokens), restricted to expert k's A and B.
-    Occupancy sums to 1 over the task types of an expert, an expert no step was routed to is left
-    out, conflict is the mean pairwise cosine."""
-    agent = make_agent("--num_experts", "3")
+    """expert_diagnostics against a naive loop: g_k,c,h summed step by step (each step's token-mean
+    clipped surrogate, the policy-gradient term alone, weighted by its share of all response
+    tokens) over the steps of task type c in half h (even or odd lanes), restricted to expert k's A
+    and B. Occupancy sums to 1 over the task types of an expert, an expert no step was routed to is
+    left out, conflict is the mean pairwise cosine, conflict_pick that of pick against each other
+    type, coherence the cosine of the two halves of a type."""
+    agent = make_agent("--num_experts", "3", "--num_envs", "8")
     randomize_experts(agent)
-    R = pamoe.rollout(
-        agent, envs.make_env_batch("toy", 4, 6), [1, 2, 5, 9], 2.0, 1.0, greedy_router=False
-    )
-    # expert A: pick only, B: the rest, C: nothing
-    R["k"] = [0 if tt == "pick" else 1 for tt in R["task_type"]]
-    B = pamoe.prepare_batch(agent, R)
-    diag = pamoe.expert_diagnostics(agent, R, B)
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0, 1.0, False)
     types, tokens = sorted(set(R["task_type"])), sum(R["resp_len"])
     assert "pick" in types and len(types) >= 3
     params = [p for e in agent.experts for p in (*e.A, *e.B)]
-    g = {c: [torch.zeros_like(p) for p in params] for c in types}
-    for i, c in enumerate(R["task_type"]):
-        gates = pamoe.step_gates_for(agent, torch.tensor([i]), B["k"])
-        loss, _, n_resp = pamoe.policy_loss(agent, R, B, torch.tensor([i]), gates)
-        g[c] = [x + y for x, y in zip(g[c], torch.autograd.grad(n_resp / tokens * loss, params))]
 
     def of_expert(grads, k):  # expert k's A and B in every wrapped linear
         mine = {id(p) for e in agent.experts for p in (e.A[k], e.B[k])}
         return torch.cat([x.flatten() for x, p in zip(grads, params) if id(p) in mine])
 
-    for k, letter in enumerate("AB"):
-        norms = {c: float(of_expert(g[c], k).norm()) for c in types}
-        for c in types:
-            assert diag[f"occupancy/{letter}/{c}"] == pytest.approx(
-                norms[c] / sum(norms.values()), rel=1e-4, abs=1e-6
+    def cos(x, y):
+        return float(F.cosine_similarity(x, y, dim=0))
+
+    # expert A: pick only, B: the rest, C: nothing; then C: everything
+    for routing in ([0 if tt == "pick" else 1 for tt in R["task_type"]], [2] * len(R["k"])):
+        R["k"] = routing
+        B = pamoe.prepare_batch(agent, R)
+        diag = pamoe.expert_diagnostics(agent, R, B)
+        g = {(c, h): [torch.zeros_like(p) for p in params] for c in types for h in (0, 1)}
+        for i, (c, lane) in enumerate(zip(R["task_type"], R["lane"])):
+            gates = pamoe.step_gates_for(agent, torch.tensor([i]), B["k"])
+            _, stats, n_resp = pamoe.policy_loss(
+                agent, R, B, torch.tensor([i]), gates, pg_only=True
             )
-        assert sum(diag[f"occupancy/{letter}/{c}"] for c in types) == pytest.approx(1)
-    assert diag["occupancy/A/pick"] == pytest.approx(1) and diag["occupancy/B/pick"] == 0
-    # expert C got no step
-    assert not any(key.startswith(("occupancy/C/", "conflict/C")) for key in diag)
-    rest = [c for c in types if c != "pick"]
-    cos = [
-        float(F.cosine_similarity(of_expert(g[c], 1), of_expert(g[d], 1), dim=0))
-        for i, c in enumerate(rest)
-        for d in rest[i + 1 :]
+            grads = torch.autograd.grad(n_resp / tokens * stats["pg_loss"], params)
+            g[c, lane % 2] = [x + y for x, y in zip(g[c, lane % 2], grads)]
+        whole = {c: of_expert([x + y for x, y in zip(g[c, 0], g[c, 1])], 0) for c in types}
+        if routing[0] == 2:  # expert C: every type
+            whole = {c: of_expert([x + y for x, y in zip(g[c, 0], g[c, 1])], 2) for c in types}
+            rare = [cos(whole["pick"], whole[c]) for c in types if c != "pick"]
+            assert diag["conflict_pick/C"] == pytest.approx(np.mean(rare), abs=1e-4)
+            halves = [
+                cos(of_expert(g[c, 0], 2), of_expert(g[c, 1], 2))
+                for c in types
+                if of_expert(g[c, 0], 2).norm() > 0 and of_expert(g[c, 1], 2).norm() > 0
+            ]
+            assert halves and diag["coherence/C"] == pytest.approx(np.mean(halves), abs=1e-4)
+            pairs = [cos(whole[c], whole[d]) for i, c in enumerate(types) for d in types[i + 1 :]]
+            assert diag["conflict/C"] == pytest.approx(np.mean(pairs), abs=1e-4)
+            continue
+        for k, letter in enumerate("AB"):
+            full = {c: of_expert([x + y for x, y in zip(g[c, 0], g[c, 1])], k) for c in types}
+            norms = {c: float(full[c].norm()) for c in types}
+            for c in types:
+                assert diag[f"occupancy/{letter}/{c}"] == pytest.approx(
+                    norms[c] / sum(norms.values()), rel=1e-4, abs=1e-6
+                )
+        assert diag["occupancy/A/pick"] == pytest.approx(1) and diag["occupancy/B/pick"] == 0
+        # expert C got no step
+        assert not any(key.startswith(("occupancy/C/", "conflict/C")) for key in diag)
+        rest = [c for c in types if c != "pick"]
+        full = {c: of_expert([x + y for x, y in zip(g[c, 0], g[c, 1])], 1) for c in rest}
+        cosines = [cos(full[c], full[d]) for i, c in enumerate(rest) for d in rest[i + 1 :]]
+        assert diag["conflict/B"] == pytest.approx(np.mean(cosines), abs=1e-4)
+        assert "conflict/A" not in diag and "conflict_pick/B" not in diag  # A: one type
+
+
+def test_the_conflict_metric_finds_a_planted_conflict():
+    """The positive control (--toy_variant planted): two task types with the same prompt won by
+    opposite answers. Their policy gradients point apart (conflict < 0) while the two halves of
+    each type agree (coherence > 0)."""
+    flags = [
+        "--toy_variant",
+        "planted",
+        "--routing",
+        "dense",
+        "--num_envs",
+        "32",
+        "--tiny_steps",
+        "40",
     ]
-    # one type
-    assert diag["conflict/B"] == pytest.approx(np.mean(cos), abs=1e-4) and "conflict/A" not in diag
+    agent = make_agent(*flags)  # a base that answers with a label
+    randomize_experts(agent)
+    batch = envs.make_env_batch("toy", 32, 1, variant="planted")
+    R = pamoe.rollout(agent, batch, list(range(32)), 2.0, 1.0, greedy_router=False)
+    assert set(R["task_type"]) == {"pick", "clean"} and len(set(R["obs"])) == 1
+    diag = pamoe.expert_diagnostics(agent, R, pamoe.prepare_batch(agent, R))
+    assert diag["conflict/A"] < -0.5 and diag["coherence/A"] > 0.5, diag
 
 
 # --- toy env, prompt and projection ---------------------------------------------------------------
@@ -695,6 +736,70 @@ def test_toy_env_is_deterministic_and_flags_invalid_actions():
     ) == ("go to shelf 1", True)
     obs2, r, term, trunc, _ = a.step("fly to the moon")
     assert obs2 == "Nothing happens." and r == 0 and not term
+
+
+def test_the_conflict_variant_asks_task_types_for_different_answers_in_one_state():
+    """--toy_variant conflict: every game is won by its scripted solution, phase by phase; the
+    admissible commands come in alphabetical order without a `go to` to the place the agent is
+    at; holding the object at a closed appliance both `open` (needed to put it in) and the
+    transform are admissible; the carry line never names the object's state."""
+    env, seen, conflicts = envs.ConflictToyEnv(max_steps=50), set(), 0
+    for seed in range(300):
+        obs, info = env.reset(seed)
+        phases = [info["phase"]]
+        while not env.won:
+            assert info["admissible"] == sorted(info["admissible"])
+            assert env.at is None or f"go to {env.at}" not in info["admissible"]
+            here = env.at in envs.CLOSED and env.holding == env.obj
+            if here and f"open {env.at}" in info["admissible"]:
+                conflicts += any(c.startswith(("heat", "cool")) for c in info["admissible"])
+            obs, r, term, trunc, info = env.step(env.solve())
+            assert not trunc and " hot " not in obs and " cool " not in obs.split("carrying")[-1]
+            phases.append(info["phase"])
+        assert r == envs.WIN_REWARD and term
+        order = [envs.PHASES.index(p) for p in phases[:-1]]
+        assert order == sorted(order)
+        seen.add(info["task_type"])
+    assert seen == set(envs.TASK_TYPES) and conflicts > 30
+
+
+class SolvingBatch(envs.ToyBatch):
+    """Toy lanes that play their scripted solution whatever the model answered."""
+
+    def step(self, actions):
+        return [None if a is None else env.step(env.solve()) for env, a in zip(self.envs, actions)]
+
+
+@pytest.mark.parametrize("routing", ["task_oracle", "phase_oracle"])
+def test_oracle_routings_route_by_the_task_type_or_the_hidden_phase(routing):
+    agent = make_agent("--routing", routing, "--toy_variant", "conflict", "--num_envs", "8")
+    assert agent.router is None
+    batch = SolvingBatch(8, 10, variant="conflict")  # every phase is reached
+    R = pamoe.rollout(agent, batch, list(range(8)), 2.0, 1.0, greedy_router=False)
+    if routing == "task_oracle":
+        expected = [envs.TASK_TYPES.index(c) for c in R["task_type"]]
+    else:  # find, take, transform, then carry and place share the last expert
+        expected = [min(envs.PHASES.index(p), 3) for p in R["phase"]]
+    assert R["k"] == expected and len(set(expected)) >= 3
+
+
+def test_task_norm_whitens_each_task_types_advantages_among_themselves():
+    agent = make_agent("--task_norm", "--num_envs", "8")
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0, 1.0, False)
+    adv = pamoe.prepare_batch(agent, R)["adv"]
+    types = torch.tensor([envs.TASK_TYPES.index(c) for c in R["task_type"]])
+    assert len(types.unique()) >= 2
+    for c in types.unique():
+        mine = adv[types == c]
+        assert float(mine.mean()) == pytest.approx(0, abs=1e-5)
+        assert float(mine.std(unbiased=False)) == pytest.approx(1, abs=1e-3)
+
+
+def test_diagnostics_run_at_every_iteration_up_to_diagnose_until(tmp_path):
+    out = str(tmp_path / "run")
+    pamoe.main(SMALL + ["--iterations", "3", "--diagnose_until", "2", "--out_dir", out])
+    diagnosed = [any(k.startswith("occupancy/") for k in m) for m in read_metrics(out)]
+    assert diagnosed == [True, True, False]
 
 
 def test_step_limit_truncates_and_phases_follow_the_solution():
@@ -845,6 +950,13 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("rspo", ["--rspo", "--routing", "dense"]),
     ("rspo", ["--rspo", "maybe"]),
     ("rspo_floor", ["--rspo_floor", "1.5"]),
+    ("toy_variant", ["--toy_variant", "hard"]),
+    ("toy_variant", ["--toy_variant", "conflict", "--env", "alfworld", "--alfworld_data", "/tmp"]),
+    ("num_experts", ["--routing", "task_oracle", "--num_experts", "3"]),
+    ("routing", ["--routing", "phase_oracle", "--env", "alfworld", "--alfworld_data", "/tmp"]),
+    ("task_norm", ["--task_norm", "--advantage", "grpo", "--group_size", "2"]),
+    ("task_norm", ["--task_norm", "sometimes"]),
+    ("diagnose_until", ["--diagnose_until", "-1"]),
     ("no_such_flag", ["--no_such_flag", "1"]),
 ]
 
