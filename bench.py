@@ -950,28 +950,45 @@ def run_jobs(todo, workers, env, t0):
             )
 
 
+EARLY = 10  # the iterations whose diagnostics say whether task types conflict (1..EARLY)
+RARE = [t for t in envs.TASK_TYPES if t != "pick"]
+
+
+def area(its, values):
+    """The area under a curve of evaluations (trapezoids), divided by the iterations it spans: a
+    mean over training."""
+    its, values = np.asarray(its), np.asarray(values)
+    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(its)) / (its[-1] - its[0]))
+
+
+def mean_of(lines, prefix):
+    """The mean of every metric named prefix<expert> over the lines; None where there is none."""
+    found = [m[k] for m in lines for k in m if k.startswith(prefix) and not np.isnan(m[k])]
+    return float(np.mean(found)) if found else None
+
+
 def run_summary(lines):
     """One run's numbers: final evaluation (overall and per task type), the evaluation at the middle
-    of the budget, the area under the evaluation curve (trapezoids, divided by the iterations: a
-    mean success over training), the routing statistics, and the mechanism diagnostics averaged over
-    the evaluated training iterations."""
+    of the budget, the area under the evaluation curve (a mean success over training), that of the
+    rare types' mean success, the routing statistics, and the mechanism diagnostics averaged over
+    the evaluated training iterations, and over iterations 1..EARLY."""
     evals = [m for m in lines if "eval/success" in m]
-    its, succ = (
-        np.array([m["iteration"] for m in evals]),
-        np.array([m["eval/success"] for m in evals]),
-    )
-    final, mid = evals[-1], evals[int(np.argmin(np.abs(its - its[-1] / 2)))]
+    its = [m["iteration"] for m in evals]
+    final, mid = evals[-1], evals[int(np.argmin(np.abs(np.array(its) - its[-1] / 2)))]
+    rare = [
+        np.mean([m[f"eval/success/{t}"] for t in RARE if f"eval/success/{t}" in m]) for m in evals
+    ]
+    shares = [v for k, v in final.items() if k.startswith("eval/expert_share/")]
     out = {
         "final": final["eval/success"],
         "mid": mid["eval/success"],
         "mid_iteration": mid["iteration"],
-        "auc": float(np.sum((succ[1:] + succ[:-1]) / 2 * np.diff(its)) / (its[-1] - its[0])),
+        "auc": area(its, [m["eval/success"] for m in evals]),
+        "rare_auc": area(its, rare),
         **{t: final.get(f"eval/success/{t}") for t in envs.TASK_TYPES},
         "switches": final["eval/switches"],
         "phase_nmi": final["eval/phase_nmi"],
-        "experts_used": sum(
-            v >= 0.05 for k, v in final.items() if k.startswith("eval/expert_share/")
-        ),
+        "experts_used": sum(v >= 0.05 for v in shares),
         "clipfrac": np.mean([m["clipfrac"] for m in lines if "clipfrac" in m]),
     }
     diag = [m for m in evals if any(k.startswith("occupancy/") for k in m)]
@@ -980,15 +997,16 @@ def run_summary(lines):
     for m in diag:
         for e in sorted({k.split("/")[1] for k in m if k.startswith("occupancy/")}):
             occ[e].append([m.get(f"occupancy/{e}/{t}", 0.0) for t in envs.TASK_TYPES])
-    # each run's experts ordered from the most to the least pick-heavy (letters mean nothing across
-    # runs)
-    rows = sorted(
-        (np.mean(v, axis=0) for v in occ.values()),
-        key=lambda row: -row[envs.TASK_TYPES.index("pick")],
-    )
+    # each run's experts ordered from the most to the least pick-heavy (letters mean nothing
+    # across runs)
+    pick = envs.TASK_TYPES.index("pick")
+    rows = sorted((np.mean(v, axis=0) for v in occ.values()), key=lambda row: -row[pick])
     out["occupancy"] = [dict(zip(envs.TASK_TYPES, map(float, row))) for row in rows]
-    conflict = [m[k] for m in diag for k in m if k.startswith("conflict/") and not np.isnan(m[k])]
-    out["conflict"] = float(np.mean(conflict)) if conflict else None
+    out["conflict"] = mean_of(diag, "conflict/")
+    early = [m for m in lines if 1 <= m["iteration"] <= EARLY]
+    early = [m for m in early if any(k.startswith("occupancy/") for k in m)]
+    for key in ("conflict", "conflict_pick", "coherence"):
+        out[f"{key}_early"] = mean_of(early, f"{key}/")
     return out
 
 
@@ -1005,9 +1023,9 @@ def ablation_tables(results, names, seeds, reference="phase"):
         "the evaluation curve (mean success over training); mean over seeds [95% bootstrap "
         "interval]:",
         "",
-        f"| arm | final | final IQM | final sd | mid-budget | area under curve | {types} | "
-        "switches / episode | phase NMI | experts >= 5% | clip fraction |",
-        "|" + "---|" * 14,
+        "| arm | final | final IQM | final sd | mid-budget | area under curve | rare types' area "
+        f"| {types} | switches / episode | phase NMI | experts >= 5% | clip fraction |",
+        "|" + "---|" * 15,
     ]
     for n in names:
         col = {key: [r[key] for r in runs[n]] for key in runs[n][0] if key != "occupancy"}
@@ -1021,6 +1039,7 @@ def ablation_tables(results, names, seeds, reference="phase"):
             f"{np.std(col['final'], ddof=1):.2f}",
             ci(col["mid"]),
             ci(col["auc"]),
+            ci(col["rare_auc"]),
             *per_type,
             f"{np.mean(col['switches']):.1f}",
             f"{np.mean(col['phase_nmi']):.2f}",
@@ -1037,18 +1056,23 @@ def ablation_tables(results, names, seeds, reference="phase"):
         "most to the least pick-heavy, experts that got no step left out) and the mean cosine "
         "between the task types' gradients (conflict):",
         "",
-        f"| arm | expert | {types} | runs | conflict |",
-        "|" + "---|" * 8,
+        f"| arm | expert | {types} | runs | conflict | conflict, it. 1-{EARLY} | pick against "
+        f"rare, it. 1-{EARLY} | split-half coherence, it. 1-{EARLY} |",
+        "|" + "---|" * 11,
     ]
     for n in names:
         conflict = ci([r["conflict"] for r in runs[n]])
+        early = " | ".join(
+            ci([r[f"{key}_early"] for r in runs[n]])
+            for key in ("conflict", "conflict_pick", "coherence")
+        )
         for rank in range(max(len(r["occupancy"]) for r in runs[n])):
             have = [r["occupancy"][rank] for r in runs[n] if len(r["occupancy"]) > rank]
             shares = " | ".join(f"{np.mean([h[t] for h in have]):.2f}" for t in envs.TASK_TYPES)
             first = rank == 0
             out.append(
                 f"| {n if first else ''} | {rank + 1} | {shares} | {len(have)} | "
-                f"{conflict if first else ''} |"
+                f"{conflict if first else ''} | {early if first else ' | '} |"
             )
     return "\n".join(out)
 
@@ -1062,20 +1086,22 @@ def comparison_tables(runs, names, reference):
         f"{reference} against each arm: difference of the means [95% interval], probability that "
         f"a {reference} run beats a run of the arm, P({reference} > arm) [95% interval]:",
         "",
-        f"| arm | final | mid-budget | area under curve | P({reference} > arm), area |",
-        "|---|---|---|---|---|",
+        f"| arm | final | mid-budget | area under curve | rare types' area | P({reference} > arm), "
+        "area |",
+        "|---|---|---|---|---|---|",
     ]
     verdicts = []
     for n in names:
         if n == reference:
             continue
         cells = []
-        for key in ("final", "mid", "auc"):
+        for key in ("final", "mid", "auc", "rare_auc"):
             d, (lo, hi) = difference([r[key] for r in ref], [r[key] for r in runs[n]])
             cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
         p, (lo, hi) = improvement([r["auc"] for r in ref], [r["auc"] for r in runs[n]])
         out.append(f"| {n} | " + " | ".join(cells) + f" | {p:.2f} [{lo:.2f}, {hi:.2f}] |")
-        for key, what in (("auc", "area under the curve"), ("final", "final")):
+        what_of = {"auc": "area under the curve", "rare_auc": "rare types' area", "final": "final"}
+        for key, what in what_of.items():
             said = verdict([r[key] for r in ref], [r[key] for r in runs[n]], (reference, n))
             verdicts.append(f"Verdict ({what}): {said}")
     return out + [""] + verdicts

@@ -61,14 +61,23 @@ WIN_REWARD = 10.0
 
 
 class ToyEnv:
-    """One episode at a time; deterministic given the seed passed to reset."""
+    """One episode at a time; deterministic given the seed passed to reset. tasks: the task types
+    episodes draw from (None: all, in TASK_MIX)."""
 
-    def __init__(self, max_steps=20):
+    def __init__(self, max_steps=20, tasks=None):
         self.max_steps = max_steps
+        self.tasks = tasks
+
+    def draw_task(self, rng):
+        types, mix = TASK_TYPES, TASK_MIX
+        if self.tasks:
+            kept = [i for i, t in enumerate(TASK_TYPES) if t in self.tasks]
+            types, mix = [TASK_TYPES[i] for i in kept], [TASK_MIX[i] for i in kept]
+        return rng.choices(types, mix)[0]
 
     def reset(self, seed):
         rng = random.Random(seed)
-        self.task_type = rng.choices(TASK_TYPES, TASK_MIX)[0]
+        self.task_type = self.draw_task(rng)
         target_obj, distractor = rng.sample(OBJECTS, 2)
         self.obj = f"{target_obj} 1"
         obj_place, distractor_place = rng.sample(STORAGE, 2)
@@ -217,7 +226,7 @@ class ConflictToyEnv(ToyEnv):
 
     def reset(self, seed):
         rng = random.Random(seed)
-        self.task_type = rng.choices(TASK_TYPES, TASK_MIX)[0]
+        self.task_type = self.draw_task(rng)
         target_obj, distractor = rng.sample(OBJECTS, 2)
         self.obj = f"{target_obj} 1"
         obj_place, distractor_place = rng.sample(CONFLICT_STORAGE, 2)
@@ -370,8 +379,8 @@ TOY_VARIANTS = {"demo": ToyEnv, "conflict": ConflictToyEnv, "planted": PlantedTo
 class ToyBatch:
     """N toy envs (of a TOY_VARIANTS variant) stepped in lockstep."""
 
-    def __init__(self, n, max_steps=20, variant="demo"):
-        self.envs = [TOY_VARIANTS[variant](max_steps) for _ in range(n)]
+    def __init__(self, n, max_steps=20, variant="demo", tasks=None):
+        self.envs = [TOY_VARIANTS[variant](max_steps, tasks) for _ in range(n)]
         self.max_steps = max_steps
 
     def reset(self, seeds):
@@ -935,11 +944,12 @@ ENVS = ("toy", "alfworld")
 TASK_COLUMNS = {"toy": TASK_TYPES, "alfworld": list(ALFWORLD_TASKS.values())}
 
 
-def make_env_batch(name, n, max_steps, split="train", data=None, variant="demo"):
-    """toy (of a TOY_VARIANTS variant): every split draws from the same generator (training and
-    evaluation seeds never meet); alfworld: the split's games under `data`."""
+def make_env_batch(name, n, max_steps, split="train", data=None, variant="demo", tasks=None):
+    """toy (of a TOY_VARIANTS variant, its episodes of the task types `tasks`, None: all): every
+    split draws from the same generator (training and evaluation seeds never meet); alfworld: the
+    split's games under `data`."""
     if name == "toy":
-        return ToyBatch(n, max_steps, variant)
+        return ToyBatch(n, max_steps, variant, tasks)
     if name == "alfworld":
         return AlfworldBatch(n, max_steps, data, split)
     raise ValueError(f"unknown env {name!r}; use one of {ENVS}")

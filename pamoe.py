@@ -77,6 +77,10 @@ def need(ok, message):
 class Args:
     # run
     env: str = arg("toy", "environment: toy | alfworld")
+    train_tasks: str = arg(
+        "",
+        "toy: task types of the training episodes, comma-separated (default all; evaluation: all)",
+    )
     toy_variant: str = arg(
         "demo",
         "toy: demo (the CPU demo's) | conflict (closer to ALFWorld: task types that want different "
@@ -196,6 +200,10 @@ class Args:
     ent_coef: float = arg(0.01, "entropy bonus (paper pipeline: 0.001)")
     vf_coef: float = arg(0.5, "value loss weight")
     epochs: int = arg(1, "PPO epochs over each rollout")
+    minibatches: int = arg(
+        0,
+        "PPO minibatches per epoch, fixed (equal optimiser steps across runs); 0 = by --minibatch",
+    )
     minibatch: int = arg(
         32, "environment steps per minibatch, at most (the rollout is cut into equal minibatches)"
     )
@@ -239,6 +247,18 @@ class Args:
             self.toy_variant == "demo" or self.env == "toy",
             f"--toy_variant {self.toy_variant} is a variant of the toy env; drop it or use "
             f"--env toy",
+        )
+        need(
+            not self.train_tasks or self.env == "toy",
+            "--train_tasks chooses the toy's task types; drop it or use --env toy",
+        )
+        unknown = (
+            set(self.train_tasks.split(",")) - set(envs.TASK_TYPES) if self.train_tasks else ()
+        )
+        need(
+            not unknown,
+            f"--train_tasks {self.train_tasks}: no task type {', '.join(sorted(unknown))}; use "
+            f"some of {','.join(envs.TASK_TYPES)}",
         )
         need(
             self.routing != "phase_oracle" or self.env == "toy",
@@ -446,6 +466,7 @@ RANGES = {
     "clip_c": "[0, inf)",
     "rspo_floor": "[0, 1]",
     "diagnose_until": "[0, inf)",
+    "minibatches": "[0, 4096]",
 }
 CHOICES = {
     "env": envs.ENVS,
@@ -1670,7 +1691,7 @@ def ppo_update(agent, opt, steps, batch, tau_state):
     statistics and gradients are over all ranks."""
     a = agent.args
     sizes = all_gather(len(steps["seq"]))  # every rank's steps
-    n_minibatches = min(math.ceil(sum(sizes) / a.minibatch), *sizes)
+    n_minibatches = min(a.minibatches or math.ceil(sum(sizes) / a.minibatch), *sizes)
     stats = defaultdict(list)
     for _ in range(a.epochs):
         for mb in torch.randperm(len(steps["seq"])).tensor_split(n_minibatches):
@@ -1711,8 +1732,9 @@ def train(args):
     if start == 0 and args.eval_every:  # the frozen base's own success: where every routing starts
         log_metrics(args.out_dir, {"iteration": 0, **report_evaluation(agent, 0, args.tau_start)})
     lanes = my_lanes(args.num_envs)
+    tasks = args.train_tasks.split(",") if args.train_tasks else None
     env_batch = envs.make_env_batch(
-        args.env, len(lanes), args.max_steps, "train", args.alfworld_data, args.toy_variant
+        args.env, len(lanes), args.max_steps, "train", args.alfworld_data, args.toy_variant, tasks
     )
     last = {}
     with contextlib.closing(env_batch):  # workers end with the run, however it ends

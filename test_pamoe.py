@@ -795,6 +795,21 @@ def test_task_norm_whitens_each_task_types_advantages_among_themselves():
         assert float(mine.std(unbiased=False)) == pytest.approx(1, abs=1e-3)
 
 
+def test_train_tasks_and_a_fixed_number_of_minibatches(tmp_path):
+    """--train_tasks: training episodes of those task types only (evaluation plays every type);
+    --minibatches: that many optimiser steps per epoch, however many steps the rollout has."""
+    batch = envs.make_env_batch("toy", 16, 6, tasks=["clean", "cool"])
+    assert {info["task_type"] for _, info in batch.reset(list(range(16)))} == {"clean", "cool"}
+    out = str(tmp_path / "run")
+    flags = ["--train_tasks", "heat", "--minibatches", "3", "--iterations", "2", "--out_dir", out]
+    pamoe.main(SMALL + ["--eval_every", "2", "--eval_episodes", "8"] + flags)
+    metrics = read_metrics(out)
+    assert metrics[1]["success/heat"] >= 0 and "success/pick" not in metrics[1]
+    assert len({k for k in metrics[-1] if k.startswith("eval/success/")}) >= 2
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert state["tau_updates"] == 2 * 3
+
+
 def test_diagnostics_run_at_every_iteration_up_to_diagnose_until(tmp_path):
     out = str(tmp_path / "run")
     pamoe.main(SMALL + ["--iterations", "3", "--diagnose_until", "2", "--out_dir", out])
@@ -957,6 +972,9 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("task_norm", ["--task_norm", "--advantage", "grpo", "--group_size", "2"]),
     ("task_norm", ["--task_norm", "sometimes"]),
     ("diagnose_until", ["--diagnose_until", "-1"]),
+    ("train_tasks", ["--train_tasks", "pick,boil"]),
+    ("train_tasks", ["--train_tasks", "pick", "--env", "alfworld", "--alfworld_data", "/tmp"]),
+    ("minibatches", ["--minibatches", "-2"]),
     ("no_such_flag", ["--no_such_flag", "1"]),
 ]
 
