@@ -75,6 +75,7 @@ SIZES = {
     "tiny": dict(batch=(8, 256)),  # envs.build_tiny, the CI and CPU-demo model
     "mid": dict(shape=(512, 1408, 8, 8, 2, 32000), batch=(8, 256)),
     "qwen2.5-1.5b": dict(shape=(1536, 8960, 28, 12, 2, 151936), batch=(4, 1024)),
+    "small": dict(shape=(64, 128, 2, 4, 2, 512), batch=(4, 64)),  # gpu-rollout's CPU test
 }
 
 
@@ -86,23 +87,51 @@ def build(size, device, dtype):
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         d, inter, layers, heads, kv, vocab = SIZES[size]["shape"]
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=vocab,
-                hidden_size=d,
-                intermediate_size=inter,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                num_key_value_heads=kv,
-                max_position_embeddings=32768,
-                rope_theta=1e6,
-                rms_norm_eps=1e-6,
-                tie_word_embeddings=True,
-                pad_token_id=0,
-            )
+        config = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            pad_token_id=0,
         )
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built on the device in its dtype: seconds, not minutes
+        try:
+            with torch.device(device):
+                model = Qwen2ForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer built here (256 byte symbols, no merges, Qwen's special tokens, a
+    chat template): every character of an ASCII text is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    core = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
 
 
 def attach(model, routing, K, rank):
@@ -1186,8 +1215,8 @@ def preflight(argv):
     """The model and sizes of a pamoe.py command line (argv, its flags), before a run: one rollout
     step and one PPO micro-batch at the largest sizes the flags allow (prompts of
     --max_prompt_tokens random tokens, --max_new_tokens new ones); prints peak memory (CUDA:
-    allocated tensors; CPU: the process's peak resident set), time per token and the time one
-    iteration takes at most. Trains nothing and needs no ALFWorld games."""
+    allocated tensors; CPU: the process's peak resident set), prefill and decode times, and the
+    time of one iteration, typical and at most. Trains nothing and needs no ALFWorld games."""
     a = pamoe.parse_args(argv, games=False)
     dev, cuda = torch.device(a.device), a.device == "cuda"
     pamoe.seed_everything(a.seed)
@@ -1200,6 +1229,8 @@ def preflight(argv):
     ids, k = ids.to(dev), torch.arange(max(N, n), device=dev) % a.experts[0]  # the experts in turn
 
     def generate():
+        mark = pamoe.DecodeMark(agent.clock)
+        start = agent.clock.now()
         with torch.no_grad(), agent.routing(pamoe.step_gates_for(agent, slice(N), k)):
             agent.lm.generate(
                 ids[:N, :P],
@@ -1209,7 +1240,9 @@ def preflight(argv):
                 max_new_tokens=M,
                 min_new_tokens=M,
                 pad_token_id=agent.tok.pad_token_id,
+                logits_processor=[mark],
             )
+        agent.clock.generation(start, mark)
 
     def ppo_micro_batch():
         # backward inside (--grad_ckpt)
@@ -1222,7 +1255,8 @@ def preflight(argv):
 
     cost = []  # (seconds, peak GiB) of each
     for fn in (generate, ppo_micro_batch):
-        torch.cuda.reset_peak_memory_stats() if cuda else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t = time.time()
         try:
             fn()
@@ -1231,51 +1265,197 @@ def preflight(argv):
                 f"bench.py preflight: out of memory in {fn.__name__}; lower --micro_batch or "
                 f"--num_envs, add --grad_ckpt true, or lower --max_prompt_tokens"
             ) from e
-        torch.cuda.synchronize() if cuda else None
-        cost.append(
-            (
-                time.time() - t,
-                (
-                    torch.cuda.max_memory_allocated()
-                    if cuda
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                )
-                / 2**30,
-            )
-        )
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        cost.append((time.time() - t, peak / 2**30))
     (t_gen, m_gen), (t_ppo, m_ppo) = cost
-    # every episode to --max_steps; PPO: the epochs and prepare_batch's passes
-    rollout_s = a.max_steps * t_gen
+    spent = agent.clock.read()
+    prefill, decode_ms = (
+        spent["prefill_s"],
+        1000 * spent["decode_s"] / max(spent["decode_steps"], 1),
+    )
+    # the PPO passes over every step of an iteration: the epochs and prepare_batch's passes
     ppo_s = (a.epochs + 1) * N * a.max_steps / n * t_ppo
-    gpu = (
-        f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB"
-        if cuda
-        else "CPU"
-    )
-    print(
+    typical_prompt, typical_new = min(1500, P), min(256, M)
+    typical = a.max_steps * (prefill * typical_prompt / P + typical_new * decode_ms / 1000) + ppo_s
+    worst = a.max_steps * (prefill + M * decode_ms / 1000) + ppo_s
+    gpu = "CPU"
+    if cuda:
+        gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB"
+    lines = [
         f"preflight on {gpu}: {a.model}, {agent.lm.dtype}, --micro_batch {n}, --grad_ckpt "
-        f"{a.grad_ckpt}\n"
-        f"rollout step, {N} prompts of {P} tokens + {M} new: peak memory {m_gen:.1f} GiB, "
-        f"{t_gen:.1f} s, "
-        f"{t_gen / (N * M) * 1e3:.3f} ms per generated token\n"
+        f"{a.grad_ckpt}, --compile_decode {a.compile_decode}",
+        f"rollout step, {N} prompts of {P} tokens + {M} new: peak memory {m_gen:.1f} GiB, prefill "
+        f"{prefill:.2f} s, {decode_ms:.1f} ms per decode step "
+        f"({N * 1000 / decode_ms:.0f} tokens/s)",
         f"PPO micro-batch, {n} sequences of {P + M} tokens, forward + backward: peak memory "
-        f"{m_ppo:.1f} GiB, "
-        f"{t_ppo:.1f} s, {t_ppo / (n * (P + M)) * 1e3:.3f} ms per token\n"
-        f"one iteration at most ({N} x {a.max_steps} steps, every prompt and response at its "
-        "limit): rollout "
-        f"{rollout_s / 60:.1f} min + PPO {ppo_s / 60:.1f} min = {(rollout_s + ppo_s) / 60:.1f} min",
-        flush=True,
+        f"{m_ppo:.1f} GiB, {t_ppo:.1f} s, {t_ppo / (n * (P + M)) * 1e3:.3f} ms per token",
+        f"one iteration ({N} x {a.max_steps} steps): typical {typical / 60:.1f} min (prompts of "
+        f"{typical_prompt} tokens prefilled linearly, {typical_new} decode steps), at most "
+        f"{worst / 60:.1f} min (every prompt and response at its limit); {a.iterations} "
+        f"iterations {typical * a.iterations / 3600:.1f} h to {worst * a.iterations / 3600:.1f} h",
+    ]
+    print("\n".join(lines), flush=True)
+    return {
+        "peak_gib": max(m_gen, m_ppo),
+        "prefill_s": prefill,
+        "decode_ms_per_step": decode_ms,
+        "iteration_s": worst,
+        "iteration_s_typical": typical,
+    }
+
+
+def gpu_rollout(opts):
+    """One prepared script for a lent GPU (nothing can be installed there; run it with the Python
+    it has): a model of --size's shape (qwen2.5-1.5b: Qwen2.5-1.5B's real config, random bf16
+    weights; small: a 2-layer one, for the CPU test) with a byte-level tokenizer, --batch prompts of
+    --prompt tokens, --new new tokens through pamoe.generate. Prefill seconds and decode ms per
+    step, eager and --compile_decode (a static KV cache; compiled on CUDA), the frozen base alone
+    and with K routed experts; whether the compiled path samples the eager path's tokens with the
+    same log-probs (one seed); one PPO micro-batch; peak memory; the preset's iteration estimated
+    from them. Writes gpu-rollout.json."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t0 = time.time()
+    tok = byte_tokenizer()
+    model = build(opts.size, device, dtype)
+    model.config.eos_token_id = tok.eos_token_id
+    flags = (
+        f"--model random --num_envs {opts.batch} --max_prompt_tokens {max(opts.prompt + 8, 64)} "
+        f"--max_new_tokens {opts.new} --num_experts {opts.experts} --rank {opts.rank} "
+        f"--micro_batch 8 --grad_ckpt true --device {device.type}"
+    ).split()
+    args = pamoe.parse_args(flags, games=False)
+    base = pamoe.freeze_base(model, tok, "random", device, dtype)
+    agent = pamoe.Agent(args, device, base=base)
+    rng = np.random.default_rng(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    prompts = ["".join(rng.choice(list(letters), opts.prompt)) for _ in range(opts.batch)]
+    k = torch.arange(opts.batch, device=device) % opts.experts  # the experts in turn
+    gates = pamoe.step_gates_for(agent, slice(None), k)
+    generate, scores = agent.lm.generate, []
+
+    def generate_with_scores(**kw):  # the sampler's log-probs, for the eager/compiled comparison
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1).float().log_softmax(-1))
+        return out.sequences
+
+    agent.lm.generate = generate_with_scores
+    rows, samples = [], {}
+    for compiled in (False, True):
+        agent.args.compile_decode = compiled
+        for experts in (False, True):
+            args.max_new_tokens = 8  # a short warm-up call (compiles the decode step)
+            pamoe.generate(agent, prompts, gates, 1.0, opts.batch, experts_on=experts)
+            args.max_new_tokens = opts.new
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            agent.clock.read()
+            torch.manual_seed(0)
+            out, _ = pamoe.generate(agent, prompts, gates, 1.0, opts.batch, experts_on=experts)
+            spent = agent.clock.read()
+            samples[compiled, experts] = (out, scores[-1])
+            rows.append(
+                dict(
+                    compiled=compiled,
+                    experts=experts,
+                    prefill_s=spent["prefill_s"],
+                    decode_ms_per_step=1000 * spent["decode_s"] / max(spent["decode_steps"], 1),
+                    peak_gib=(torch.cuda.max_memory_allocated() if cuda else 0) / 2**30,
+                )
+            )
+    agreement = compare_samples(samples[False, True], samples[True, True])
+    ppo_s = ppo_micro_batch_seconds(agent, opts, device)
+    best = min(rows[1]["decode_ms_per_step"], rows[3]["decode_ms_per_step"])
+    prefill = (
+        rows[3]["prefill_s"] if rows[3]["decode_ms_per_step"] == best else rows[1]["prefill_s"]
     )
-    return {"peak_gib": max(m_gen, m_ppo), "iteration_s": rollout_s + ppo_s}
+    estimate = preset_estimate(prefill, best, ppo_s, opts)
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else "CPU",
+        "torch": torch.__version__,
+        "size": opts.size,
+        "batch": opts.batch,
+        "prompt": opts.prompt,
+        "new": opts.new,
+        "rows": rows,
+        "agreement": agreement,
+        "ppo_micro_batch_s": ppo_s,
+        "estimate": estimate,
+        "seconds": time.time() - t0,
+    }
+    for r in rows:
+        print(
+            f"{'static + compiled' if r['compiled'] else 'eager':<17} "
+            f"{'4 routed experts' if r['experts'] else 'frozen base':<16} prefill "
+            f"{r['prefill_s']:.3f} s, decode {r['decode_ms_per_step']:.2f} ms/step, peak "
+            f"{r['peak_gib']:.1f} GiB"
+        )
+    print(
+        f"compiled vs eager (experts, one seed): tokens identical {agreement['tokens_equal']:.3f},"
+        f" largest log-prob difference {agreement['max_logp_diff']:.2e}; PPO micro-batch "
+        f"{ppo_s:.2f} s; preset iteration ~{estimate['iteration_min']:.1f} min, 150 iterations "
+        f"~{estimate['run_h']:.1f} h ({report['seconds']:.0f} s in all)"
+    )
+    with open(opts.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def compare_samples(eager, compiled):
+    """The share of response tokens two runs sampled alike, and the largest difference of the
+    sampler's log-probs at the eager run's tokens over the steps before the first difference."""
+    (eager_out, eager_scores), (compiled_out, compiled_scores) = eager, compiled
+    same, total, diff = 0, 0, 0.0
+    for i, ((_, r1, _), (_, r2, _)) in enumerate(zip(eager_out, compiled_out)):
+        n = min(len(r1), len(r2))
+        equal = (r1[:n] == r2[:n]).long()
+        upto = int(equal.cumprod(0).sum())  # steps before the first difference
+        same += int(equal.sum())
+        total += n
+        if upto:
+            picked = r1[:upto].to(eager_scores.device)
+            a = eager_scores[i, torch.arange(upto), picked]
+            b = compiled_scores[i, torch.arange(upto), picked]
+            diff = max(diff, float((a - b).abs().max()))
+    return {"tokens_equal": same / max(total, 1), "max_logp_diff": diff}
+
+
+def ppo_micro_batch_seconds(agent, opts, device):
+    """Forward + backward of one PPO micro-batch of 8 sequences of prompt + new tokens."""
+    n, P, M = 8, opts.prompt, opts.new
+    ids = torch.randint(agent.lm.config.vocab_size, (n, P + M), generator=torch.Generator())
+    ids = ids.to(device)
+    k = torch.arange(n, device=device) % opts.experts
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.time()
+    with agent.routing(pamoe.step_gates_for(agent, slice(None), k)) as routing:
+        logp, ent, mask = agent.response_logprobs(list(ids), [P] * n, [M] * n, 1.0, routing.gates)
+        (-(logp + ent).sum() / mask.sum()).backward()
+    sync()
+    return time.time() - t
+
+
+def preset_estimate(prefill_s, decode_ms, ppo_s, opts, steps=50, iterations=150):
+    """The CUDA preset's time per iteration, stated assumptions: every episode takes `steps`
+    steps, each a prefill of the batch's prompts (measured) plus opts.new decode steps (measured
+    ms), and PPO passes over the steps of all 32 episodes in micro-batches of 8, twice (the old
+    and reference log-probs, then forward + backward; measured: one micro-batch)."""
+    rollout = steps * (prefill_s + opts.new * decode_ms / 1000)
+    update = 2 * opts.batch * steps / 8 * ppo_s
+    minutes = (rollout + update) / 60
+    return {"iteration_min": minutes, "run_h": minutes * iterations / 60, "steps": steps}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    what = (
-        argv[0]
-        if argv[:1] in (["bench"], ["ablation"], ["memory"], ["probe"], ["preflight"])
-        else "bench"
-    )
+    commands = ("bench", "ablation", "memory", "probe", "preflight", "gpu-rollout")
+    what = argv[0] if argv[:1] and argv[0] in commands else "bench"
     rest = argv[1:] if argv[:1] == [what] else argv
     if what == "preflight":
         return preflight(rest)
@@ -1290,8 +1470,18 @@ def main(argv=None):
                 "linear probes: hidden phase and task type from the phase router's input "
                 "features; flags not listed here go to pamoe.py (the checkpoint run's model flags)"
             ),
+            "gpu-rollout": "decode and prefill time, eager and compiled, on a lent GPU",
         }[what],
     )
+    if what == "gpu-rollout":
+        parser.add_argument("--size", default="qwen2.5-1.5b", help="qwen2.5-1.5b | small (CPU)")
+        parser.add_argument("--batch", type=int, default=32, help="prompts at once (--num_envs)")
+        parser.add_argument("--prompt", type=int, default=1500, help="tokens per prompt")
+        parser.add_argument("--new", type=int, default=256, help="new tokens per response")
+        parser.add_argument("--experts", type=int, default=4, help="K routed experts")
+        parser.add_argument("--rank", type=int, default=32, help="r")
+        parser.add_argument("--out", default="gpu-rollout.json", help="where the report goes")
+        return gpu_rollout(parser.parse_args(rest))
     if what == "probe":
         parser.add_argument(
             "--checkpoint", default="", help="a demo run's checkpoint.pt (default: untrained)"

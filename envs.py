@@ -1047,22 +1047,6 @@ def fit_prompt(tok, prompt_format, info, obs, history, t):
             return text
 
 
-def stop_at(tok, stop, start):
-    """generate's stopping criterion for tagged answers: per sequence, whether the text generated
-    after position `start` holds `stop` (in its last len(stop) tokens: a token is at least one
-    character)."""
-    import torch
-
-    def done(input_ids, scores, **kwargs):
-        tails = input_ids[:, max(start, input_ids.shape[1] - len(stop)) :]
-        return torch.tensor(
-            [stop in "".join(tok.batch_decode(t[:, None].tolist())) for t in tails],
-            device=input_ids.device,
-        )
-
-    return done
-
-
 def response_length(ids, tok, stop):
     """How many of a sequence's generated token ids (a list) were sampled: up to and including the
     first EOS, or the token that completes the text `stop` if that comes first (generate stops the

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StaticCache
 
 import envs
 
@@ -210,6 +210,11 @@ class Args:
     micro_batch: int = arg(
         0, "steps per forward/backward in a minibatch (gradient accumulation); 0 = the minibatch"
     )
+    compile_decode: bool = arg(
+        False,
+        "CUDA: a static KV cache and transformers' compiled decode step (CUDA graphs), batches "
+        "filled to --num_envs; off until bench.py gpu-rollout shows it samples what eager does",
+    )
     grad_ckpt: bool = arg(
         False,
         "activation checkpointing of the base's decoder layers: less memory, one more forward",
@@ -363,6 +368,16 @@ class Args:
         need(
             not (self.eval_only and self.eval_episodes == 0),
             "--eval_only with --eval_episodes 0 evaluates nothing; set --eval_episodes >= 1",
+        )
+        need(
+            self.action_format == "label" or self.model != "tiny",
+            "--action_format tagged with --model tiny: tiny's words are the toy's and cannot "
+            "write the tags; use the label format with tiny, or a pretrained model for tags",
+        )
+        need(
+            not self.compile_decode or not self.token_routed,
+            "--compile_decode: token routing records each token's choice, which a CUDA graph's "
+            "replay would overwrite; drop --compile_decode for --routing token",
         )
         need(
             not self.export or not self.token_routed,
@@ -579,9 +594,15 @@ def load_model(args, device):
         )
     else:
         model, tok = load_pretrained(args.model, dtype)
+    return freeze_base(model, tok, args.model, device, dtype)
+
+
+def freeze_base(model, tok, name, device, dtype):
+    """A causal LM and its tokenizer made the frozen base: a pad token, left truncation, only the
+    special tokens of its generation config, no gradient, eval mode, on device in dtype."""
     need(
         tok.pad_token or tok.eos_token,
-        f"--model {args.model}: its tokenizer has neither a pad nor an eos token; add one "
+        f"--model {name}: its tokenizer has neither a pad nor an eos token; add one "
         f"(tokenizer.add_special_tokens) and pass the saved folder as --model",
     )
     if tok.pad_token is None:
@@ -1021,12 +1042,17 @@ def token_logp_entropy(hidden, head, targets, temperature):
 
 # --- The agent: frozen LM + experts + router + critic ---------------------------------------------
 class Agent(nn.Module):
-    def __init__(self, args, device):
+    """The frozen LM with its experts, the router and the critic. base: a (model, tokenizer) pair
+    already frozen (freeze_base) instead of --model's (bench.py's random-weight models)."""
+
+    def __init__(self, args, device, base=None):
         super().__init__()
         self.args = args
         self.device = device
-        self.lm, self.tok = load_model(args, device)
+        self.lm, self.tok = base if base is not None else load_model(args, device)
         self.prompt_format = prompt_format(args)
+        self.clock = Clock(device)
+        self.caches, self.gate_buffers = {}, {}  # --compile_decode: one of each per batch size
         torch.manual_seed(args.seed)  # experts, router and critic start alike, built or loaded
         self.routing, self.experts = attach_experts(self.lm, args)
         if args.grad_ckpt:
@@ -1048,6 +1074,28 @@ class Agent(nn.Module):
             ("critic", list(self.critic.parameters()) if self.critic else [], a.lr_critic),
         ]
         return [{"name": n, "params": p, "lr": lr} for n, p, lr in groups if p]
+
+    def static_cache(self, batch_size):
+        """--compile_decode: one static KV cache per batch size (prompt + response long), reset and
+        reused by every call, so that the compiled decode step keeps its shapes."""
+        if batch_size not in self.caches:
+            length = self.args.max_prompt_tokens + self.args.max_new_tokens
+            self.caches[batch_size] = StaticCache(config=self.lm.config, max_cache_len=length)
+        self.caches[batch_size].reset()
+        return self.caches[batch_size]
+
+    def fixed_gates(self, gates, batch_size):
+        """--compile_decode: gates (b, 1, K) copied into one buffer (batch_size, 1, K) per batch
+        size, the rows beyond b on expert A: a CUDA graph reads its inputs at fixed addresses."""
+        if batch_size not in self.gate_buffers:
+            self.gate_buffers[batch_size] = torch.zeros(
+                batch_size, 1, gates.shape[-1], device=gates.device
+            )
+        buffer = self.gate_buffers[batch_size]
+        buffer.zero_()
+        buffer[:, 0, 0] = 1
+        buffer[: len(gates)] = gates
+        return buffer
 
     def trainable_state(self):
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -1091,6 +1139,72 @@ def response_positions(prompt_lens, resp_lens, device):
     return mask, b, pos
 
 
+# --- Where an iteration's time goes -------------------------------------------------------------
+class Clock:
+    """Seconds spent in named parts of an iteration (prefill, decode, env, features, ...). On CUDA
+    each span is a pair of CUDA events, read after one synchronisation at the end (no host sync
+    inside the loop); on the CPU, perf_counter."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.spans = defaultdict(list)
+        self.counts = defaultdict(int)
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = self.now()
+        yield
+        self.spans[name].append((start, self.now()))
+
+    def generation(self, start, mark):
+        """A generate call that began at start: prefill until the first token's logits (mark),
+        decode after it; its decode steps and generated tokens counted."""
+        self.spans["prefill"].append((start, mark.first))
+        self.spans["decode"].append((mark.first, self.now()))
+        self.counts["decode_steps"] += mark.calls - 1
+        self.counts["generated"] += mark.calls * mark.batch
+
+    def read(self):
+        """{name_s: seconds} and the counts since the last read, which starts the next span."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for name, spans in self.spans.items():
+            if self.cuda:
+                out[f"{name}_s"] = sum(s.elapsed_time(e) for s, e in spans) / 1000
+            else:
+                out[f"{name}_s"] = sum(e - s for s, e in spans)
+        out.update(self.counts)
+        self.spans.clear()
+        self.counts.clear()
+        return out
+
+
+class DecodeMark:
+    """A logits processor that changes nothing: it marks the first token's logits (the end of the
+    prefill) on the clock and counts the tokens sampled."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.calls = 0
+        self.batch = 0
+        self.first = None
+
+    def __call__(self, input_ids, scores):
+        if self.calls == 0:
+            self.first = self.clock.now()
+            self.batch = len(input_ids)
+        self.calls += 1
+        return scores
+
+
 # --- Rollout: N envs in lockstep, one routing decision and one generated response per env step ----
 
 
@@ -1124,13 +1238,22 @@ class StepFeatures:
         return torch.stack(self.rows)  # (rows, 2d)
 
 
-def generate(agent, prompts, gates, temperature):
-    """One sampled response per prompt with the experts of gates (B, 1, K) (None: token routing).
-    Returns per prompt (prompt ids, response ids up to the EOS or the end of the tagged answer,
-    response text), and for token routing each response's most chosen expert over layers and
-    tokens (tables only), else None."""
+def generate(agent, prompts, gates, temperature, batch_size=None, experts_on=True):
+    """One sampled response per prompt with the experts of gates (B, 1, K) (None: token routing),
+    with only the sampling settings stated here (load_model cleared the model's own); a tagged
+    answer ends at its `</action>` (transformers' stop strings, checked on the device).
+    --compile_decode with batch_size: the batch is filled up to batch_size with copies of the first
+    prompt (on expert A), so that every call has one shape and reuses one static KV cache, one
+    gates buffer and one compiled decode step. Returns per prompt (prompt ids, response ids up to
+    the EOS or the end of the tagged answer, response text), and for token routing each response's
+    most chosen expert over layers and tokens (tables only), else None. The prefill and decode
+    times go to agent.clock. experts_on False: the frozen base alone (the reference policy)."""
     a, tok = agent.args, agent.tok
-    stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with it
+    n = len(prompts)
+    static = a.compile_decode and batch_size is not None
+    if static:
+        prompts = prompts + [prompts[0]] * (batch_size - n)
+        gates = agent.fixed_gates(gates, batch_size)
     enc = tok(
         prompts,
         padding=True,
@@ -1141,27 +1264,33 @@ def generate(agent, prompts, gates, temperature):
         add_special_tokens=False,
     ).to(agent.device)
     P = enc.input_ids.shape[1]
-    stopping = [envs.stop_at(tok, stop, P)] if stop else None
-    with agent.routing(gates):
-        # only the sampling settings stated here (load_model cleared the model's own)
-        out = agent.lm.generate(
-            **enc,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=a.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            stopping_criteria=stopping,
-        )
+    mark = DecodeMark(agent.clock)
+    settings = dict(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=a.max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        logits_processor=[mark],
+    )
+    stop = "</action>" if a.action_format == "tagged" else None  # a tagged answer ends with it
+    if stop:
+        settings.update(stop_strings=[stop], tokenizer=tok)
+    if static:
+        settings.update(past_key_values=agent.static_cache(batch_size))
+    start = agent.clock.now()
+    with agent.routing(gates) if experts_on else contextlib.nullcontext():
+        out = agent.lm.generate(**enc, **settings)
+    agent.clock.generation(start, mark)
     voted = None
     if a.token_routed:  # count each expert's choices over layers and tokens: (B, K)
         K = a.experts[0]
-        chosen = [F.one_hot(c, K).reshape(len(prompts), -1, K) for c in agent.routing.token_choices]
+        chosen = [F.one_hot(c, K).reshape(n, -1, K) for c in agent.routing.token_choices]
         voted = torch.cat(chosen, 1).sum(1).argmax(-1)
     samples = []
-    for i in range(len(prompts)):
+    for i in range(n):
         response = out[i, P:].cpu()
         # the sampled EOS or stop kept, padding dropped
         response = response[: envs.response_length(response.tolist(), tok, stop)]
@@ -1241,7 +1370,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
         live = lanes.live()
         if not live:
             break
-        features.add(live, lanes.obs, lanes.last_action)
+        with agent.clock("features"):  # the frozen base's features of the step, then the router
+            features.add(live, lanes.obs, lanes.last_action)
         live_idx = torch.tensor(live, device=device)
         windows = torch.tensor([features.window(n, t) for n in live], device=device)  # (A, L)
         if a.step_router and (a.routes_every_step or t == 0):  # trajectory: at step 0 only
@@ -1254,7 +1384,7 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
             expert[live_idx] = torch.tensor(given, device=device)
         prompts = [lanes.prompt(n, t, agent.tok, agent.prompt_format) for n in live]
         gates = step_gates_for(agent, live_idx, expert)  # (A, 1, K); token routing: None
-        samples, voted = generate(agent, prompts, gates, temperature)
+        samples, voted = generate(agent, prompts, gates, temperature, batch_size=N)
         k = expert[live_idx] if voted is None else voted  # dense: expert 0
         actions, invalid = [None] * N, {}
         for i, (n, (prompt, response, text)) in enumerate(zip(live, samples)):
@@ -1280,7 +1410,8 @@ def rollout(agent, env_batch, seeds, tau, temperature, greedy_router):
                 phase=env_batch.step_phase(info, command),
                 task_type=info["task_type"],
             )
-        results = env_batch.step(actions)
+        with agent.clock("env"):
+            results = env_batch.step(actions)
         for n in live:
             _, reward, terminated, truncated, info = results[n]
             record(
@@ -1749,6 +1880,7 @@ def train(args):
         )
         for it in bar:
             t0 = time.time()
+            agent.clock.read()  # from here, this iteration's spans
             anneal_learning_rates(opt, initial_lrs, it, args)
             tau = tau_at(tau_state["updates"], args.tau_start, args.tau_end, args.tau_steps)
             seeds = episode_seeds(args, it, lanes)
@@ -1766,6 +1898,7 @@ def train(args):
             except NonFiniteError as e:
                 raise non_finite_exit(e, it, saved) from e
             times["update_s"] = time.time() - t0 - times["rollout_s"] - times["prepare_s"]
+            times.update(agent.clock.read())
             m = iteration_metrics(it, all_steps, stats, times, args, t0)
             if evaluating:
                 m.update(report_evaluation(agent, it, stats["tau"]))
@@ -2110,7 +2243,11 @@ def iteration_metrics(it, all_steps, stats, times, args, t0):
     m["resp_len_mean"] = np.mean(all_steps["resp_len"])
     m["resp_len_max"] = max(all_steps["resp_len"])
     m["env_steps"] = len(all_steps["k"])
-    m.update(times)
+    m.update(times)  # rollout, prepare and update; prefill, decode, env and features; counts
+    if times.get("decode_steps"):
+        m["decode_ms_per_step"] = 1000 * times["decode_s"] / times["decode_steps"]
+    if times.get("generated"):  # every row of every decode step, finished or not
+        m["gen_tokens_per_s"] = times["generated"] / (times["prefill_s"] + times["decode_s"])
     m["iteration_s"] = time.time() - t0
     m["sps"] = m["env_steps"] / m["iteration_s"]
     return m

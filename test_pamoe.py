@@ -486,33 +486,24 @@ def test_reference_log_probs_are_the_experts_off_models_and_kl_grows_once_expert
     assert (on - off)[mask].abs().max() > 1e-3 and float(pamoe.kl_k3(on, ref, mask)) > 1e-5
 
 
-def test_multi_token_answers_sample_from_the_policy_ppo_scores():
-    """The GPU path: tagged answers of several tokens behind a chat template. Sampling (HF generate,
-    temperature, no top-k / top-p) must draw from exactly the distribution whose log-probs PPO
-    recomputes."""
-    agent = make_agent("--action_format", "tagged", "--max_new_tokens", "16")
+def test_multi_token_answers_sample_from_the_policy_ppo_scores(hf_model):
+    """The GPU path: tagged answers of several tokens behind a chat template, left-padded prompts
+    of different lengths. Sampling (HF generate, temperature, no top-k / top-p) must draw from
+    exactly the distribution whose log-probs PPO recomputes; invalid answers are penalised."""
+    agent = make_agent("--model", hf_model, "--action_format", "tagged", "--max_new_tokens", "16")
     randomize_experts(agent)
-    agent.tok.chat_template = (
-        "{% for m in messages %}user : {{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %} assistant :{% endif %}"
-    )
     goals = [
         "put some apple in shelf 1.",
         "put a clean apple in shelf 2.",
-        "put a hot apple in countertop 1.",
+        "put a hot apple in it.",
     ]
+    info = {"admissible": ["look"]}
     texts = [
-        envs.fit_prompt(
-            agent.tok,
-            agent.prompt_format,
-            {"goal": goal, "admissible": ["look"]},
-            "You see a shelf.",
-            [],
-            0,
-        )
-        for goal in goals
+        envs.fit_prompt(agent.tok, agent.prompt_format, {**info, "goal": g}, "A shelf.", [], 0)
+        for g in goals
     ]
-    assert all(t.startswith("user : You are an agent") and t.endswith("assistant :") for t in texts)
+    assert all(t.startswith("<|im_start|>user\nYou are an agent") for t in texts)
+    assert all(t.endswith("<|im_start|>assistant\n") for t in texts)
     assert "put a clean apple in shelf 2." in texts[1]
     enc = agent.tok(
         texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
@@ -529,23 +520,20 @@ def test_multi_token_answers_sample_from_the_policy_ppo_scores():
             top_p=1.0,
             max_new_tokens=6,
             min_new_tokens=6,
-            pad_token_id=0,
+            pad_token_id=agent.tok.pad_token_id,
             eos_token_id=None,
             output_scores=True,
             return_dict_in_generate=True,
         )
     resp = out.sequences[:, enc.input_ids.shape[1] :]  # (3, 6)
-    sampled = torch.stack([F.log_softmax(s.float(), -1) for s in out.scores], 1).gather(
-        -1, resp[..., None]
-    )[..., 0]
+    scores = torch.stack([F.log_softmax(s.float(), -1) for s in out.scores], 1)  # (3, 6, V)
+    sampled = scores.gather(-1, resp[..., None])[..., 0]
     seqs = [torch.cat([enc.input_ids[i][enc.attention_mask[i].bool()], resp[i]]) for i in range(3)]
     pl = [int(enc.attention_mask[i].sum()) for i in range(3)]
     logp, _, mask = agent.response_logprobs(seqs, pl, [6] * 3, 0.7, gates)
     assert mask.all()
     torch.testing.assert_close(logp, sampled, atol=1e-4, rtol=0)
-    R = pamoe.rollout(
-        agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False
-    )
+    R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 2), [1, 2, 3, 4], 2.0, 1.0, False)
     assert max(R["resp_len"]) > 1 and max(R["resp_len"]) <= 16
     assert any(R["invalid"])  # random text: invalid answers, each penalised
     assert all(r == pytest.approx(-0.1) for r, bad in zip(R["reward"], R["invalid"]) if bad)
@@ -908,6 +896,7 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("action_format", ["--action_format", "json"]),
     ("max_new_tokens", ["--max_new_tokens", "0"]),
     ("max_new_tokens", ["--action_format", "tagged"]),
+    ("action_format", ["--action_format", "tagged", "--max_new_tokens", "16"]),
     ("tiny_steps", ["--tiny_steps", "-5"]),
     ("temperature", ["--temperature", "0"]),
     ("temperature", ["--temperature", "nan"]),
@@ -975,6 +964,8 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("train_tasks", ["--train_tasks", "pick,boil"]),
     ("train_tasks", ["--train_tasks", "pick", "--env", "alfworld", "--alfworld_data", "/tmp"]),
     ("minibatches", ["--minibatches", "-2"]),
+    ("compile_decode", ["--compile_decode", "--routing", "token"]),
+    ("compile_decode", ["--compile_decode", "never"]),
     ("no_such_flag", ["--no_such_flag", "1"]),
 ]
 
@@ -997,8 +988,6 @@ def test_the_bad_flag_sweep_covers_every_flag():
     assert {f.name for f in dataclasses.fields(pamoe.Args)} <= {flag for flag, _ in BAD_FLAGS}
     pamoe.parse_args(
         [
-            "--action_format",
-            "tagged",
             "--max_new_tokens",
             "16",
             "--eval_episodes",
@@ -1564,8 +1553,10 @@ def test_a_game_dying_mid_rollout_ends_its_episode_and_the_update_still_runs(min
     assert torch.isfinite(B["ret"]).all()
 
 
-def test_alfworld_prompt_holds_task_history_and_actions_within_the_limit(mini):
+def test_alfworld_prompt_holds_task_history_and_actions_within_the_limit(mini, hf_model):
     agent = make_agent(
+        "--model",
+        hf_model,
         "--env",
         "alfworld",
         "--alfworld_data",
@@ -1928,42 +1919,25 @@ def hf_model(tmp_path_factory):
     """A GPU user's kind of model folder, built here: a small Qwen2-architecture model with random
     weights, a byte-level BPE tokenizer (256 byte symbols, no merges, Qwen's special tokens) and a
     chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    import bench
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = str(tmp_path_factory.mktemp("hf") / "qwen2-small")
-    core = Tokenizer(
-        models.BPE({c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, [])
-    )
-    core.pre_tokenizer, core.decoder = (
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-        decoders.ByteLevel(),
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    tok = bench.byte_tokenizer()
     torch.manual_seed(0)
-    Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    ).save_pretrained(path)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -2008,7 +1982,8 @@ def test_tagged_responses_stop_at_the_action_per_sequence(hf_model, monkeypatch)
     generate, widths = agent.lm.generate, []
 
     def forcing_generate(**kw):
-        out = generate(**kw, logits_processor=[Force(kw["input_ids"].shape[1])])
+        kw["logits_processor"] = [*kw["logits_processor"], Force(kw["input_ids"].shape[1])]
+        out = generate(**kw)
         widths.append(out.shape[1] - kw["input_ids"].shape[1])
         return out
 
@@ -2083,6 +2058,37 @@ def test_generate_samples_from_the_distribution_ppo_scores_whatever_the_models_g
     assert max(rl) > 1 and mask.sum() == sum(rl)
 
 
+def test_the_static_cache_path_samples_what_the_dynamic_one_does(hf_model):
+    """--compile_decode's static KV cache (compiled on CUDA only) against the dynamic cache on an
+    equal batch (no filled-up lanes): the same tokens and the same sampler log-probs for one seed.
+    A batch filled up to more lanes returns the real prompts' samples, its extra lanes on expert
+    A."""
+    agent = make_agent("--model", hf_model, "--action_format", "tagged", "--max_new_tokens", "16")
+    randomize_experts(agent)
+    generate, scores = agent.lm.generate, []
+
+    def generate_with_scores(**kw):
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1))  # (B, new tokens, V)
+        return out.sequences
+
+    agent.lm.generate = generate_with_scores
+    prompts = [f"<|im_start|>user\nTask {i}: {'go ' * i}<|im_end|>\n" for i in (1, 4, 7)]
+    gates = F.one_hot(torch.tensor([0, 2, 3]), 4).float()[:, None]
+    runs = []
+    for static in (False, True):
+        agent.args.compile_decode = static
+        torch.manual_seed(0)
+        runs.append(pamoe.generate(agent, prompts, gates, 1.0, batch_size=3)[0])
+    for (p1, r1, _), (p2, r2, _) in zip(*runs):
+        assert torch.equal(p1, p2) and torch.equal(r1, r2)
+    torch.testing.assert_close(scores[1], scores[0], atol=1e-4, rtol=0)
+    assert len(agent.caches) == 1 and max(len(r) for _, r, _ in runs[0]) > 1
+    samples, _ = pamoe.generate(agent, prompts, gates, 1.0, batch_size=5)
+    assert len(samples) == 3 and scores[-1].shape[0] == 5
+    assert torch.equal(agent.gate_buffers[5][3:, 0], F.one_hot(torch.tensor([0, 0]), 4).float())
+
+
 GPU_USER_CASES = {
     "toy, float32": ["--env", "toy"],
     "toy, bfloat16": ["--env", "toy", "--dtype", "bfloat16"],
@@ -2109,6 +2115,9 @@ def test_the_gpu_users_path_on_cpu(hf_model, mini, tmp_path, case):
     last = pamoe.main(SMALL + flags + paths + GPU_USER_CASES[case])
     assert last["env_steps"] == 6 and math.isfinite(last["pg_loss"])
     assert 1 <= last["resp_len_mean"] <= last["resp_len_max"] <= 24
+    # where the iteration's time went: prefill and decode of every generate call, env, features
+    assert all(last[k] > 0 for k in ("prefill_s", "decode_s", "env_s", "features_s"))
+    assert last["decode_ms_per_step"] > 0 and last["gen_tokens_per_s"] > 0
     dtype = "bfloat16" if "bfloat16" in case else "float32"
     agent = make_agent("--model", hf_model, "--dtype", dtype)
     # the frozen base; experts, routers and critic stay float32
@@ -2145,20 +2154,30 @@ def test_preflight_reports_memory_and_time_and_trains_nothing(
     )
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" ")[0] for line in lines[-4:]] == ["preflight", "rollout", "PPO", "one"]
-    assert (
-        "peak memory" in lines[-3]
-        and "ms per generated token" in lines[-3]
-        and "ms per token" in lines[-2]
-    )
-    assert report["peak_gib"] > 0 and report["iteration_s"] > 0
+    assert "peak memory" in lines[-3] and "ms per decode step" in lines[-3]
+    assert "ms per token" in lines[-2] and "typical" in lines[-1]
+    assert report["peak_gib"] > 0 and report["decode_ms_per_step"] > 0 and report["prefill_s"] > 0
+    assert 0 < report["iteration_s_typical"] <= report["iteration_s"]
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # trains nothing
+
+
+def test_gpu_rollout_runs_on_the_cpu_with_a_small_model(tmp_path):
+    """bench.py gpu-rollout, the device script, in miniature: every row measured, the static path
+    samples what the eager one does (no compile on the CPU), an estimate of the preset's run."""
+    import bench
+
+    out = str(tmp_path / "gpu-rollout.json")
+    flags = "gpu-rollout --size small --batch 4 --prompt 48 --new 6".split() + ["--out", out]
+    report = bench.main(flags)
+    assert len(report["rows"]) == 4 and all(r["decode_ms_per_step"] > 0 for r in report["rows"])
+    assert report["agreement"]["tokens_equal"] == 1 and report["agreement"]["max_logp_diff"] < 1e-4
+    assert report["estimate"]["iteration_min"] > 0 and json.load(open(out))["size"] == "small"
 
 
 def test_memory_model_counts_what_backward_keeps_and_checkpointing_cuts_it():
     """bench.py memory's measurement on the tiny model: bytes kept for backward grow linearly with
-    length, and with
-    --grad_ckpt little more than each layer's input stays; the derived table ranks the GPUs and the
-    flag sensibly."""
+    length, and with --grad_ckpt little more than each layer's input stays; the derived table ranks
+    the GPUs and the flag sensibly."""
     import bench
 
     model = envs.build_tiny(envs.vocabulary(), 0)[0].eval().requires_grad_(False)
