@@ -1084,10 +1084,11 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     for name, value in agent.trainable_state().items():
         assert torch.equal(value, state["trainable"][name]), name
     pamoe.main(flags + ["--iterations", "3", "--out_dir", part, "--resume", ckpt])
-    drop = ("rollout_s", "prepare_s", "update_s", "iteration_s", "sps", "eval_s")
+    def is_clock(key):  # wall-clock figures differ between any two runs
+        return key.endswith("_s") or key in ("sps", "decode_ms_per_step")
 
     def logs(out):
-        metrics = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(out)]
+        metrics = [{k: v for k, v in m.items() if not is_clock(k)} for m in read_metrics(out)]
         trained = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["trainable"]
         return metrics, open(os.path.join(out, "eval.log")).read(), trained
 
