@@ -874,12 +874,11 @@ def run_ablation(opts, passthrough, command):
     base_args = pamoe.parse_args([*passthrough, "--iterations", str(opts.iterations)])
     K, r = base_args.num_experts, base_args.rank
     table = arm_table(K, r, opts.arm)
+    arms = [spec.partition("=")[0] for spec in opts.arm]
     if opts.routings:
-        names = opts.routings.split(",")
-    elif opts.arm:
-        names = [spec.partition("=")[0] for spec in opts.arm]
+        names = list(dict.fromkeys(opts.routings.split(",") + arms))
     else:
-        names = list(arm_table(K, r))
+        names = arms or list(arm_table(K, r))
     problems = []
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -1541,8 +1540,8 @@ def main(argv=None):
     parser.add_argument(
         "--routings",
         default="",
-        help="comma list of dense, 'dense r=<K*r>', trajectory, token, phase (default: all, or the "
-        "--arm ones)",
+        help="comma list of dense, 'dense r=<K*r>', trajectory, token, phase, run beside the "
+        "--arm ones (default: all, or the --arm ones alone)",
     )
     parser.add_argument(
         "--arm",

@@ -1084,6 +1084,7 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     for name, value in agent.trainable_state().items():
         assert torch.equal(value, state["trainable"][name]), name
     pamoe.main(flags + ["--iterations", "3", "--out_dir", part, "--resume", ckpt])
+
     def is_clock(key):  # wall-clock figures differ between any two runs
         return key.endswith("_s") or key in ("sps", "decode_ms_per_step")
 
@@ -1705,15 +1706,16 @@ def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_interv
     tmp_path, capsys
 ):
     """bench.py ablation in miniature (3 arms x 2 seeds, 1 iteration; one arm of its own with
-    --arm): each seed's `tiny` base is built once and loaded by every arm, giving the agent
-    (weights and tokenizer) `--model tiny` gives; the report has intervals, the comparison with the
-    reference arm and the diagnostics; a second call finds every run done."""
+    --arm, run beside the --routings ones): each seed's `tiny` base is built once and loaded by
+    every arm, giving the agent (weights and tokenizer) `--model tiny` gives; the report has
+    intervals, the comparison with the reference arm and the diagnostics; a second call finds every
+    run done."""
     import bench
 
     out = str(tmp_path / "ablation")
     flags = SMALL + ["--eval_every", "1", "--eval_episodes", "4", "--tiny_steps", "3"]
     command = (
-        f"ablation --routings phase,dense,g2 --seeds 1,2 --iterations 1 --out_dir {out}".split()
+        f"ablation --routings phase,dense --seeds 1,2 --iterations 1 --out_dir {out}".split()
         + ["--arm", "g2=--advantage grpo --group_size 2"]
     )
     bench.main([*command, "--jobs", "2", *flags])
