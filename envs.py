@@ -201,39 +201,35 @@ class ToyEnv:
 
 
 # --------------------------------------------------------------------------------------------------
-# The conflict variant (--toy_variant conflict): the demo's toy moved towards ALFWorld, so that task
-# types can ask for different answers in the same state. Each change copies a fact of alfworld
-# 0.4.2's text engine (checked on this project's mini game set):
+# The conflict variant (--toy_variant conflict): the demo's room with two facts of alfworld 0.4.2's
+# text engine (checked on this project's mini game set) that make task types ask for different
+# answers in the same state:
 # - the fridge and the microwave are closed: putting an object in needs `open` first, while a held
 #   object is cooled or heated with the closed appliance; the sink basin is open (`move` and
 #   `clean` are both admissible there);
 # - appliances are targets too ("put some apple in fridge 1"): holding an apple at the closed
-#   fridge, pick wants `open fridge 1`, cool wants `cool apple 1 with fridge 1`;
-# - the admissible commands come in alphabetical order and `go to` leaves out the place the agent
-#   is at, so the number of an action changes from state to state;
-# - the carry line (ALFWorld's `inventory` answer) names the object without its state ("You are
-#   carrying: a potato 1"): whether it was transformed is told by the history (--history 2);
-# - four open storage places where objects start (ALFWorld rooms have many receptacles).
-# The demo toy's one departure stays: an untransformed object put at the target fails the task.
+#   fridge, pick wants `open fridge 1` (then `move`), cool wants `cool apple 1 with fridge 1`.
+# The demo's departures stay, so that `tiny` can learn it within the demo's budget: the fixed
+# command order (every `go to`, then take, transform, open, move), two storage places, the carry
+# line naming the object's state, an untransformed object at the target failing the task. (Variant
+# 1, with ALFWorld's alphabetical order, four storage places and a carry line without the state,
+# learned nothing in 20 iterations: FINDINGS.md, "Interference: the premise".)
 # --------------------------------------------------------------------------------------------------
-CONFLICT_STORAGE = ["countertop 1", "diningtable 1", "shelf 1", "sidetable 1"]
-CONFLICT_PLACES = CONFLICT_STORAGE + ["sinkbasin 1", "microwave 1", "fridge 1"]
 CLOSED = ("microwave 1", "fridge 1")  # openable appliances, closed at the start
 
 
 class ConflictToyEnv(ToyEnv):
-    """ToyEnv's tasks in the conflict variant's room (see above)."""
+    """ToyEnv's tasks with closed appliances that are also targets (see above)."""
 
     def reset(self, seed):
         rng = random.Random(seed)
         self.task_type = self.draw_task(rng)
         target_obj, distractor = rng.sample(OBJECTS, 2)
         self.obj = f"{target_obj} 1"
-        obj_place, distractor_place = rng.sample(CONFLICT_STORAGE, 2)
+        obj_place, distractor_place = rng.sample(STORAGE, 2)
         own_appliance = TRANSFORMS[self.task_type][0] if self.task_type != "pick" else None
-        targets = [p for p in CONFLICT_PLACES if p not in (obj_place, own_appliance)]
-        self.target = rng.choice(targets)
-        self.contents = {p: [] for p in CONFLICT_PLACES}
+        self.target = rng.choice([p for p in PLACES if p not in (obj_place, own_appliance)])
+        self.contents = {p: [] for p in PLACES}
         self.contents[obj_place].append(self.obj)
         self.contents[distractor_place].append(f"{distractor} 1")
         self.opened = set()
@@ -247,7 +243,7 @@ class ConflictToyEnv(ToyEnv):
             self.goal = f"put some {target_obj} in {self.target}."
         else:
             self.goal = f"put a {TRANSFORMS[self.task_type][2]} {target_obj} in {self.target}."
-        seen = ", ".join(f"a {p}" for p in sorted(CONFLICT_PLACES))
+        seen = ", ".join(PLACES)
         obs = f"You are in the middle of a room. Looking quickly around you, you see {seen}."
         return obs, self._info()
 
@@ -255,20 +251,20 @@ class ConflictToyEnv(ToyEnv):
         return place not in CLOSED or place in self.opened
 
     def admissible(self):
-        """ALFWorld's commands for this state, in alphabetical order: go to every other place;
-        here, open a closed appliance, take what lies here (hands empty), transform the held
-        object at an appliance, move it here (an open place)."""
-        cmds = [f"go to {p}" for p in CONFLICT_PLACES if p != self.at]
+        """Every `go to` in a fixed order, then what applies here: take what lies here (hands
+        empty, the place open), the transform of the held object at an appliance, open a closed
+        appliance, move the held object here (the place open)."""
+        cmds = [f"go to {p}" for p in PLACES]
         if self.at is not None:
-            if not self.is_open(self.at):
-                cmds.append(f"open {self.at}")
             if self.holding is None and self.is_open(self.at):
                 cmds += [f"take {o} from {self.at}" for o in self.contents[self.at]]
             if self.holding is not None and self.at in APPLIANCE_VERB:
                 cmds.append(f"{APPLIANCE_VERB[self.at]} {self.holding} with {self.at}")
+            if not self.is_open(self.at):
+                cmds.append(f"open {self.at}")
             if self.holding is not None and self.is_open(self.at):
                 cmds.append(f"move {self.holding} to {self.at}")
-        return sorted(cmds)
+        return cmds
 
     def describe(self, place):
         """What the agent sees arriving at (or opening) a place."""
@@ -280,8 +276,7 @@ class ConflictToyEnv(ToyEnv):
         return f"The {place} is open. In it, you see {things}."
 
     def step(self, action):
-        """As ToyEnv.step, with `open` and this room's observations; the carry line names the
-        object only."""
+        """As ToyEnv.step, with `open` and this room's observations."""
         assert not (self.won or self.failed) and self.t < self.max_steps, (
             "step() after the episode ended; call reset()"
         )
@@ -312,20 +307,22 @@ class ConflictToyEnv(ToyEnv):
                 self.transformed |= self.holding == self.obj and right
                 obs = f"You {verb} the {self.holding} using the {self.at}."
         if self.holding is not None:
-            obs += f" You are carrying: a {self.holding}."
+            hot = self.transformed and self.holding == self.obj
+            adjective = TRANSFORMS[self.task_type][2] + " " if hot else ""
+            obs += f" You are carrying: a {adjective}{self.holding}."
         truncated = not (self.won or self.failed) and self.t >= self.max_steps
         return obs, WIN_REWARD * self.won, self.won or self.failed, truncated, self._info()
 
     def solve(self):
         """Scripted solver: the next command of a shortest solution, read off the true state."""
         if self.holding is not None and self.holding != self.obj:  # put it down on storage
-            if self.at in CONFLICT_STORAGE:
-                return f"move {self.holding} to {self.at}"
-            return f"go to {CONFLICT_STORAGE[0]}"
+            return (
+                f"move {self.holding} to {self.at}" if self.at in STORAGE else f"go to {STORAGE[0]}"
+            )
         if self.holding is None:
             if self.at is not None and self.obj in self.contents[self.at]:
                 return f"take {self.obj} from {self.at}"
-            where = next(p for p in CONFLICT_PLACES if self.obj in self.contents[p])
+            where = next(p for p in PLACES if self.obj in self.contents[p])
             return f"go to {where}"
         if self.task_type != "pick" and not self.transformed:
             appliance, verb, _ = TRANSFORMS[self.task_type]

@@ -2318,7 +2318,9 @@ def policy_gradient(agent, steps, batch, idx, params, tokens):
     for part in idx.split(a.micro_batch or a.minibatch) if len(idx) else []:
         gates = step_gates_for(agent, part.to(agent.device), batch["k"])
         with agent.routing(gates):  # backward inside: --grad_ckpt replays with these gates
-            _, stats, n_resp = policy_loss(agent, steps, batch, part, gates, pg_only=True)
+            # at the rollout's own parameters the router has not moved: RSPO's weights are 1
+            shift = torch.ones(len(part), device=agent.device)
+            _, stats, n_resp = policy_loss(agent, steps, batch, part, gates, shift, pg_only=True)
             grads = torch.autograd.grad(n_resp / tokens * stats["pg_loss"], params)
             acc = [x + y for x, y in zip(acc, grads)]
     return acc
