@@ -1840,6 +1840,13 @@ def ppo_update(agent, opt, steps, batch, tau_state):
         out["explained_variance"] = float("nan")
         if returns.var() != 0:
             out["explained_variance"] = float(1 - (returns - values).var() / returns.var())
+    else:  # each task type's share of steps with advantage 0 (groups that scored alike): no signal
+        zero = (batch["adv"].abs() < 1e-6).tolist()
+        by_task = defaultdict(list)
+        for part_tasks, part_zero in all_gather((steps["task_type"], zero)):
+            for task, is_zero in zip(part_tasks, part_zero):
+                by_task[task].append(is_zero)
+        out.update({f"zero_adv/{task}": float(np.mean(z)) for task, z in by_task.items()})
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
     return out
 

@@ -414,6 +414,10 @@ def test_grouped_rollouts_play_one_game_per_group_and_grpo_builds_no_critic(tmp_
         and "explained_variance" not in last
         and math.isfinite(last["pg_loss"])
     )
+    # the share of each trained task type's steps that the groups gave no signal (advantage 0)
+    trained_types = {k.split("/")[1] for k in last if k.startswith("success/")}
+    zero_shares = {k.split("/")[1]: v for k, v in last.items() if k.startswith("zero_adv/")}
+    assert set(zero_shares) == trained_types and all(0 <= v <= 1 for v in zero_shares.values())
     trained = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["trainable"]
     assert not any(n.startswith("critic.") for n in trained)
     assert make_agent("--advantage", "gigpo", "--group_size", "2").critic is None
