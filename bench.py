@@ -58,6 +58,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import defaultdict
@@ -66,6 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import analysis
 import envs
 import pamoe
 
@@ -305,7 +307,7 @@ def bench_agent(device, K, rank, warmup, repeats):
                 len(
                     pamoe.rollout(
                         agent, env_batch, seeds, args.tau_start, 1.0, greedy_router=False
-                    )["k"]
+                    ).k
                 )
             )
 
@@ -337,14 +339,14 @@ def bench_agent(device, K, rank, warmup, repeats):
             size="tiny",
             what="old + reference log-probs, values, GAE (env steps/s)",
             seconds=sec,
-            per_s=len(R["seq"]) / sec,
+            per_s=len(R.seq) / sec,
             peak_bytes=peak,
         )
     )
     sec, peak = measure(
         lambda: pamoe.ppo_update(agent, opt, R, B, {"updates": 0}), device, warmup, repeats
     )
-    tokens = args.epochs * sum(len(s) for s in R["seq"])
+    tokens = args.epochs * sum(len(s) for s in R.seq)
     rows.append(
         dict(
             size="tiny",
@@ -358,18 +360,16 @@ def bench_agent(device, K, rank, warmup, repeats):
     # the part of that update spent in the router (this and the next step) and the critic
     def heads():
         for _ in range(args.epochs):
-            for mb in torch.randperm(len(R["seq"])).split(args.minibatch):
-                w, lanes = B["windows"][mb], B["lanes"][mb]
+            for mb in torch.randperm(len(R.seq)).split(args.minibatch):
+                w, lanes = B.windows[mb], B.lanes[mb]
                 out = agent.router(
-                    R["table"][torch.cat([w, w])],
-                    R["goal_states"][lanes.repeat(2)],
-                    R["goal_mask"][lanes.repeat(2)],
+                    R.features[torch.cat([w, w])],
+                    R.goal_states[lanes.repeat(2)],
+                    R.goal_mask[lanes.repeat(2)],
                 ).sum()
                 (
                     out
-                    + agent.critic(
-                        R["table"][w], R["goal_states"][lanes], R["goal_mask"][lanes]
-                    ).sum()
+                    + agent.critic(R.features[w], R.goal_states[lanes], R.goal_mask[lanes]).sum()
                 ).backward()
 
     sec, peak = measure(heads, device, warmup, repeats)
@@ -378,7 +378,7 @@ def bench_agent(device, K, rank, warmup, repeats):
             size="tiny",
             what="  of which router + critic fwd+bwd (env steps/s)",
             seconds=sec,
-            per_s=args.epochs * len(R["seq"]) / sec,
+            per_s=args.epochs * len(R.seq) / sec,
             peak_bytes=peak,
         )
     )
@@ -850,9 +850,7 @@ def save_base(a, folder):
     """The frozen `tiny` base of a seed, built and warmed up once and saved as a Hugging Face
     folder: every routing of that seed loads it (--model folder) instead of repeating the warm-up;
     pamoe.Agent seeds the experts alike."""
-    names = (
-        "env toy_variant seed tiny_steps tiny_prior max_steps history action_format alfworld_data"
-    )
+    names = "env seed tiny_steps tiny_prior max_steps history action_format alfworld_data"
     record = {k: getattr(a, k) for k in names.split()}
     record["code"] = [
         open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)).read()
@@ -926,7 +924,91 @@ def run_ablation(opts, passthrough, command):
     with open(os.path.join(opts.out_dir, "ablation.md"), "w") as f:
         f.write(report + "\n")
     print(report)
+    shown = opts.figure_arms.split(",") if opts.figure_arms else names
+    unknown = [n for n in shown if n not in names]
+    if unknown:
+        raise SystemExit(f"bench.py: error: --figure_arms {unknown} are not arms of this ablation")
+    figure = "ablation.png" if shown == names else f"ablation-{'-'.join(shown)}.png"
+    figure = os.path.join(opts.out_dir, figure.replace(" ", "_").replace("=", ""))
+    draw_ablation(results, shown, seeds, opts.reference, command, figure)
+    print(f"figure: {figure}")
     return results
+
+
+def draw_ablation(results, names, seeds, reference, command, path):
+    """The ablation's figure, from the same runs and statistics as its tables: (1) evaluation
+    success over iterations, (2) the rare types' mean success, each the mean over seeds with the
+    95% bootstrap interval of the mean at every evaluation (interval); (3) the reference minus each
+    arm in area under the curve, rare types' area and final success, the tables' difference (the
+    arms' runs resampled independently, not paired by seed). matplotlib (Agg) is imported here
+    only: bench.py's other commands run without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    for ax, what in zip(axes[:2], ("success", "rare")):
+        for n in names:
+            its, curves = eval_curves([results[(n, s)] for s in seeds], what)
+            bands = np.array([interval(curves[:, j]) for j in range(len(its))])
+            (line,) = ax.plot(its, curves.mean(0), label=n, lw=2 if n == reference else 1.3)
+            ax.fill_between(its, bands[:, 0], bands[:, 1], color=line.get_color(), alpha=0.15)
+        title = "evaluation success" if what == "success" else "rare types' success (mean)"
+        ax.set(title=f"{title}, mean of {len(seeds)} seeds", xlabel="iteration", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    if reference in names and len(names) > 1:
+        draw_differences(axes[2], results, names, seeds, reference)
+    else:
+        axes[2].axis("off")
+    title = textwrap.fill(command, 170)
+    fig.suptitle(f"{title}\nshaded and bars: 95% percentile-bootstrap intervals of the mean")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def eval_curves(runs, what):
+    """The evaluated iterations and, per run (seed), the success (all task types) or the rare
+    types' mean success at each: (evaluations,), (runs, evaluations)."""
+    curves = []
+    for lines in runs:
+        evals = [m for m in lines if "eval/success" in m]
+        if what == "success":
+            curves.append([m["eval/success"] for m in evals])
+        else:
+            rare = [
+                [m[f"eval/success/{t}"] for t in RARE if f"eval/success/{t}" in m] for m in evals
+            ]
+            curves.append([np.mean(r) for r in rare])
+    return [m["iteration"] for m in evals], np.array(curves)
+
+
+def draw_differences(ax, results, names, seeds, reference):
+    """Panel 3: the reference minus each arm, difference of the means [95% interval] (difference),
+    for three of the tables' columns, with the figures written beside each bar."""
+    runs = {n: [run_summary(results[(n, s)]) for s in seeds] for n in names}
+    others = [n for n in names if n != reference]
+    keys = (("auc", "area under curve"), ("rare_auc", "rare types' area"), ("final", "final"))
+    for j, (key, label) in enumerate(keys):
+        for i, n in enumerate(others):
+            d, (lo, hi) = difference([r[key] for r in runs[reference]], [r[key] for r in runs[n]])
+            y = i * (len(keys) + 1) + j
+            ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o", color=f"C{j}", capsize=3)
+            ax.text(
+                max(hi, 0) + 0.02, y, f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]", va="center", fontsize=8
+            )
+    ticks = [i * (len(keys) + 1) + 1 for i in range(len(others))]
+    ax.set_yticks(ticks, [f"{reference} - {n}" for n in others])
+    for j, (_, label) in enumerate(keys):
+        ax.plot([], [], "o", color=f"C{j}", label=label)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set(title=f"{reference} minus each arm (unpaired)", xlabel="difference of the means")
+    ax.set_xlim(right=ax.get_xlim()[1] + 0.45)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
 
 
 def run_jobs(todo, workers, env, t0):
@@ -978,7 +1060,6 @@ def run_jobs(todo, workers, env, t0):
             )
 
 
-EARLY = 10  # the iterations whose diagnostics say whether task types conflict (1..EARLY)
 RARE = [t for t in envs.TASK_TYPES if t != "pick"]
 
 
@@ -998,8 +1079,8 @@ def mean_of(lines, prefix):
 def run_summary(lines):
     """One run's numbers: final evaluation (overall and per task type), the evaluation at the middle
     of the budget, the area under the evaluation curve (a mean success over training), that of the
-    rare types' mean success, the routing statistics, and the mechanism diagnostics averaged over
-    the evaluated training iterations, and over iterations 1..EARLY."""
+    rare types' mean success, the routing statistics, and the mechanism diagnostics (pamoe.py
+    --diagnostics) averaged over the evaluated training iterations."""
     evals = [m for m in lines if "eval/success" in m]
     its = [m["iteration"] for m in evals]
     final, mid = evals[-1], evals[int(np.argmin(np.abs(np.array(its) - its[-1] / 2)))]
@@ -1031,10 +1112,6 @@ def run_summary(lines):
     rows = sorted((np.mean(v, axis=0) for v in occ.values()), key=lambda row: -row[pick])
     out["occupancy"] = [dict(zip(envs.TASK_TYPES, map(float, row))) for row in rows]
     out["conflict"] = mean_of(diag, "conflict/")
-    early = [m for m in lines if 1 <= m["iteration"] <= EARLY]
-    early = [m for m in early if any(k.startswith("occupancy/") for k in m)]
-    for key in ("conflict", "conflict_pick", "coherence"):
-        out[f"{key}_early"] = mean_of(early, f"{key}/")
     return out
 
 
@@ -1077,32 +1154,35 @@ def ablation_tables(results, names, seeds, reference="phase"):
         out.append(f"| {n} | " + " | ".join(cells) + " |")
     if reference in names:
         out += comparison_tables(runs, names, reference)
-    out += [
+    if any(r["occupancy"] for n in names for r in runs[n]):  # the runs had --diagnostics
+        out += diagnostics_table(runs, names)
+    return "\n".join(out)
+
+
+def diagnostics_table(runs, names):
+    """Markdown: each arm's experts' occupancy by task type and the conflict, mean over seeds."""
+    types = " | ".join(envs.TASK_TYPES)
+    out = [
         "",
         "Mechanism diagnostics over the evaluated iterations (mean over seeds): each task type's "
         "share of an expert's policy-gradient norm (occupancy; a run's experts ordered from the "
         "most to the least pick-heavy, experts that got no step left out) and the mean cosine "
         "between the task types' gradients (conflict):",
         "",
-        f"| arm | expert | {types} | runs | conflict | conflict, it. 1-{EARLY} | pick against "
-        f"rare, it. 1-{EARLY} | split-half coherence, it. 1-{EARLY} |",
-        "|" + "---|" * 11,
+        f"| arm | expert | {types} | runs | conflict |",
+        "|" + "---|" * (4 + len(envs.TASK_TYPES)),
     ]
     for n in names:
         conflict = ci([r["conflict"] for r in runs[n]])
-        early = " | ".join(
-            ci([r[f"{key}_early"] for r in runs[n]])
-            for key in ("conflict", "conflict_pick", "coherence")
-        )
         for rank in range(max(len(r["occupancy"]) for r in runs[n])):
             have = [r["occupancy"][rank] for r in runs[n] if len(r["occupancy"]) > rank]
             shares = " | ".join(f"{np.mean([h[t] for h in have]):.2f}" for t in envs.TASK_TYPES)
             first = rank == 0
             out.append(
                 f"| {n if first else ''} | {rank + 1} | {shares} | {len(have)} | "
-                f"{conflict if first else ''} | {early if first else ' | '} |"
+                f"{conflict if first else ''} |"
             )
-    return "\n".join(out)
+    return out
 
 
 def comparison_tables(runs, names, reference):
@@ -1162,13 +1242,13 @@ def probe(opts, passthrough):
                 agent.args.temperature,
                 greedy_router=False,
             )
-            goal = pamoe.mean_pool(S["goal_states"], S["goal_mask"])  # (lanes, d)
+            goal = pamoe.mean_pool(S.goal_states, S.goal_mask)  # (lanes, d)
             # (steps, 2d) the step's own features
-            rows = S["table"][torch.tensor([w[-1] for w in S["window"]])]
+            rows = S.features[torch.tensor([w[-1] for w in S.window])]
             feats["obs"].append(rows)
-            feats["obs+goal"].append(torch.cat([rows, goal[torch.tensor(S["lane"])]], -1))
-            labels["phase"] += S["phase"]
-            labels["task"] += S["task_type"]
+            feats["obs+goal"].append(torch.cat([rows, goal[torch.tensor(S.lane)]], -1))
+            labels["phase"] += S.phase
+            labels["task"] += S.task_type
     feats = {name: torch.cat(x) for name, x in feats.items()}  # (steps, 2d) and (steps, 3d)
     result = {}
     for target, y_names in labels.items():
@@ -1228,7 +1308,7 @@ def preflight(argv):
     ids, k = ids.to(dev), torch.arange(max(N, n), device=dev) % a.experts[0]  # the experts in turn
 
     def generate():
-        mark = pamoe.DecodeMark(agent.clock)
+        mark = analysis.DecodeMark(agent.clock)
         start = agent.clock.now()
         with torch.no_grad(), agent.routing(pamoe.step_gates_for(agent, slice(N), k)):
             agent.lm.generate(
@@ -1348,9 +1428,11 @@ def gpu_rollout(opts):
     for compiled in (False, True):
         agent.args.compile_decode = compiled
         for experts in (False, True):
+            reset_compile()
             args.max_new_tokens = 8  # a short warm-up call (compiles the decode step)
             pamoe.generate(agent, prompts, gates, 1.0, opts.batch, experts_on=experts)
             args.max_new_tokens = opts.new
+            warm = compile_counters()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             agent.clock.read()
@@ -1358,13 +1440,19 @@ def gpu_rollout(opts):
             out, _ = pamoe.generate(agent, prompts, gates, 1.0, opts.batch, experts_on=experts)
             spent = agent.clock.read()
             samples[compiled, experts] = (out, scores[-1])
+            after = compile_counters()
             rows.append(
                 dict(
-                    compiled=compiled,
+                    compiled=compiled and cuda,  # the CPU runs the static cache, uncompiled
+                    static_cache=compiled,
                     experts=experts,
                     prefill_s=spent["prefill_s"],
                     decode_ms_per_step=1000 * spent["decode_s"] / max(spent["decode_steps"], 1),
                     peak_gib=(torch.cuda.max_memory_allocated() if cuda else 0) / 2**30,
+                    graphs=after["graphs"],  # captured since the reset, warm-up included
+                    new_graphs=after["graphs"] - warm["graphs"],  # by the timed call
+                    graph_breaks=after["graph_breaks"],
+                    cudagraph_skips=after["cudagraph_skips"],
                 )
             )
     agreement = compare_samples(samples[False, True], samples[True, True])
@@ -1388,11 +1476,19 @@ def gpu_rollout(opts):
         "seconds": time.time() - t0,
     }
     for r in rows:
+        path = "eager"
+        if r["static_cache"]:
+            path = "static + compiled" if r["compiled"] else "static (no compile on the CPU)"
+        graph = ""
+        if r["compiled"]:  # did the captured path hold on this device?
+            graph = (
+                f"; {r['graphs']} graph(s), {r['new_graphs']} new in the timed call, "
+                f"{r['graph_breaks']} graph breaks, {r['cudagraph_skips']} CUDA-graph skips"
+            )
         print(
-            f"{'static + compiled' if r['compiled'] else 'eager':<17} "
-            f"{'4 routed experts' if r['experts'] else 'frozen base':<16} prefill "
+            f"{path:<30} {'4 routed experts' if r['experts'] else 'frozen base':<16} prefill "
             f"{r['prefill_s']:.3f} s, decode {r['decode_ms_per_step']:.2f} ms/step, peak "
-            f"{r['peak_gib']:.1f} GiB"
+            f"{r['peak_gib']:.1f} GiB{graph}"
         )
     print(
         f"compiled vs eager (experts, one seed): tokens identical {agreement['tokens_equal']:.3f},"
@@ -1403,6 +1499,27 @@ def gpu_rollout(opts):
     with open(opts.out, "w") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+def reset_compile():
+    """Forget every compiled graph and every count of compile_counters (torch._dynamo.reset alone
+    keeps the counts)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def compile_counters():
+    """What torch.compile has done since reset_compile() (torch._dynamo.utils.counters): graph
+    breaks and unimplemented features (each a reason counted), graphs captured, and the graphs CUDA
+    graphs skipped (inductor's cudagraph_skips)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unimplemented": sum(counters["unimplemented"].values()),
+        "graphs": counters["stats"]["unique_graphs"],
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
 
 
 def compare_samples(eager, compiled):
@@ -1558,7 +1675,12 @@ def main(argv=None):
     )
     parser.add_argument("--jobs", type=int, default=0, help="runs at once (0 = one per CPU core)")
     parser.add_argument(
-        "--out_dir", default="runs/ablation", help="one folder per run + ablation.md"
+        "--out_dir", default="runs/ablation", help="one folder per run + ablation.md, ablation.png"
+    )
+    parser.add_argument(
+        "--figure_arms",
+        default="",
+        help="comma list: the arms the figure shows (default all; ablation-<arms>.png)",
     )
     opts, passthrough = parser.parse_known_args(rest)
     return run_ablation(opts, passthrough, " ".join(["python bench.py", *argv]))

@@ -61,23 +61,14 @@ WIN_REWARD = 10.0
 
 
 class ToyEnv:
-    """One episode at a time; deterministic given the seed passed to reset. tasks: the task types
-    episodes draw from (None: all, in TASK_MIX)."""
+    """One episode at a time; deterministic given the seed passed to reset."""
 
-    def __init__(self, max_steps=20, tasks=None):
+    def __init__(self, max_steps=20):
         self.max_steps = max_steps
-        self.tasks = tasks
-
-    def draw_task(self, rng):
-        types, mix = TASK_TYPES, TASK_MIX
-        if self.tasks:
-            kept = [i for i, t in enumerate(TASK_TYPES) if t in self.tasks]
-            types, mix = [TASK_TYPES[i] for i in kept], [TASK_MIX[i] for i in kept]
-        return rng.choices(types, mix)[0]
 
     def reset(self, seed):
         rng = random.Random(seed)
-        self.task_type = self.draw_task(rng)
+        self.task_type = rng.choices(TASK_TYPES, TASK_MIX)[0]
         target_obj, distractor = rng.sample(OBJECTS, 2)
         self.obj = f"{target_obj} 1"
         obj_place, distractor_place = rng.sample(STORAGE, 2)
@@ -200,184 +191,11 @@ class ToyEnv:
         )
 
 
-# --------------------------------------------------------------------------------------------------
-# The conflict variant (--toy_variant conflict): the demo's room with two facts of alfworld 0.4.2's
-# text engine (checked on this project's mini game set) that make task types ask for different
-# answers in the same state:
-# - the fridge and the microwave are closed: putting an object in needs `open` first, while a held
-#   object is cooled or heated with the closed appliance; the sink basin is open (`move` and
-#   `clean` are both admissible there);
-# - appliances are targets too ("put some apple in fridge 1"): holding an apple at the closed
-#   fridge, pick wants `open fridge 1` (then `move`), cool wants `cool apple 1 with fridge 1`.
-# The demo's departures stay, so that `tiny` can learn it within the demo's budget: the fixed
-# command order (every `go to`, then take, transform, open, move), two storage places, the carry
-# line naming the object's state, an untransformed object at the target failing the task. (Variant
-# 1, with ALFWorld's alphabetical order, four storage places and a carry line without the state,
-# learned nothing in 20 iterations: FINDINGS.md, "Interference: the premise".)
-# --------------------------------------------------------------------------------------------------
-CLOSED = ("microwave 1", "fridge 1")  # openable appliances, closed at the start
-
-
-class ConflictToyEnv(ToyEnv):
-    """ToyEnv's tasks with closed appliances that are also targets (see above)."""
-
-    def reset(self, seed):
-        rng = random.Random(seed)
-        self.task_type = self.draw_task(rng)
-        target_obj, distractor = rng.sample(OBJECTS, 2)
-        self.obj = f"{target_obj} 1"
-        obj_place, distractor_place = rng.sample(STORAGE, 2)
-        own_appliance = TRANSFORMS[self.task_type][0] if self.task_type != "pick" else None
-        self.target = rng.choice([p for p in PLACES if p not in (obj_place, own_appliance)])
-        self.contents = {p: [] for p in PLACES}
-        self.contents[obj_place].append(self.obj)
-        self.contents[distractor_place].append(f"{distractor} 1")
-        self.opened = set()
-        self.at = None
-        self.holding = None
-        self.transformed = False
-        self.won = False
-        self.failed = False
-        self.t = 0
-        if self.task_type == "pick":
-            self.goal = f"put some {target_obj} in {self.target}."
-        else:
-            self.goal = f"put a {TRANSFORMS[self.task_type][2]} {target_obj} in {self.target}."
-        seen = ", ".join(PLACES)
-        obs = f"You are in the middle of a room. Looking quickly around you, you see {seen}."
-        return obs, self._info()
-
-    def is_open(self, place):
-        return place not in CLOSED or place in self.opened
-
-    def admissible(self):
-        """Every `go to` in a fixed order, then what applies here: take what lies here (hands
-        empty, the place open), the transform of the held object at an appliance, open a closed
-        appliance, move the held object here (the place open)."""
-        cmds = [f"go to {p}" for p in PLACES]
-        if self.at is not None:
-            if self.holding is None and self.is_open(self.at):
-                cmds += [f"take {o} from {self.at}" for o in self.contents[self.at]]
-            if self.holding is not None and self.at in APPLIANCE_VERB:
-                cmds.append(f"{APPLIANCE_VERB[self.at]} {self.holding} with {self.at}")
-            if not self.is_open(self.at):
-                cmds.append(f"open {self.at}")
-            if self.holding is not None and self.is_open(self.at):
-                cmds.append(f"move {self.holding} to {self.at}")
-        return cmds
-
-    def describe(self, place):
-        """What the agent sees arriving at (or opening) a place."""
-        things = ", ".join(f"a {o}" for o in self.contents[place]) or "nothing"
-        if place not in CLOSED:
-            return f"On the {place}, you see {things}."
-        if place not in self.opened:
-            return f"The {place} is closed."
-        return f"The {place} is open. In it, you see {things}."
-
-    def step(self, action):
-        """As ToyEnv.step, with `open` and this room's observations."""
-        assert not (self.won or self.failed) and self.t < self.max_steps, (
-            "step() after the episode ended; call reset()"
-        )
-        self.t += 1
-        action = action.strip().lower()
-        obs = "Nothing happens."
-        if action in self.admissible():
-            verb, _, rest = action.partition(" ")
-            if action.startswith("go to "):
-                self.at = action[len("go to ") :]
-                obs = f"You arrive at {self.at}. {self.describe(self.at)}"
-            elif verb == "open":
-                self.opened.add(self.at)
-                obs = f"You open the {self.at}. {self.describe(self.at)}"
-            elif verb == "take":
-                self.holding = rest.split(" from ")[0]
-                self.contents[self.at].remove(self.holding)
-                obs = f"You pick up the {self.holding} from the {self.at}."
-            elif verb == "move":
-                obs = f"You move the {self.holding} to the {self.at}."
-                self.contents[self.at].append(self.holding)
-                placed = self.holding == self.obj and self.at == self.target
-                self.won = placed and (self.task_type == "pick" or self.transformed)
-                self.failed = placed and not self.won  # untransformed: the task fails
-                self.holding = None
-            else:  # clean / heat / cool
-                right = TRANSFORMS.get(self.task_type, ("",))[0] == self.at
-                self.transformed |= self.holding == self.obj and right
-                obs = f"You {verb} the {self.holding} using the {self.at}."
-        if self.holding is not None:
-            hot = self.transformed and self.holding == self.obj
-            adjective = TRANSFORMS[self.task_type][2] + " " if hot else ""
-            obs += f" You are carrying: a {adjective}{self.holding}."
-        truncated = not (self.won or self.failed) and self.t >= self.max_steps
-        return obs, WIN_REWARD * self.won, self.won or self.failed, truncated, self._info()
-
-    def solve(self):
-        """Scripted solver: the next command of a shortest solution, read off the true state."""
-        if self.holding is not None and self.holding != self.obj:  # put it down on storage
-            return (
-                f"move {self.holding} to {self.at}" if self.at in STORAGE else f"go to {STORAGE[0]}"
-            )
-        if self.holding is None:
-            if self.at is not None and self.obj in self.contents[self.at]:
-                return f"take {self.obj} from {self.at}"
-            where = next(p for p in PLACES if self.obj in self.contents[p])
-            return f"go to {where}"
-        if self.task_type != "pick" and not self.transformed:
-            appliance, verb, _ = TRANSFORMS[self.task_type]
-            if self.at == appliance:
-                return f"{verb} {self.obj} with {appliance}"
-            return f"go to {appliance}"
-        if self.at != self.target:
-            return f"go to {self.target}"
-        if not self.is_open(self.at):
-            return f"open {self.at}"
-        return f"move {self.obj} to {self.target}"
-
-
-class PlantedToyEnv(ToyEnv):
-    """A planted conflict, the positive control of the conflict metric (--toy_variant planted): two
-    task types, pick and clean, whose one-step episodes show the same goal and observation and are
-    won by opposite answers, so that their policy gradients must point apart."""
-
-    WANTS = {"pick": "go to shelf 1", "clean": "go to countertop 1"}
-
-    def reset(self, seed):
-        self.task_type = random.Random(seed).choice(sorted(self.WANTS))
-        self.goal = "put some apple in shelf 1."
-        self.at = None
-        self.holding = None
-        self.won = False
-        self.failed = False
-        self.t = 0
-        obs = "You are in the middle of a room. Looking quickly around you, you see a shelf 1."
-        return obs, self._info()
-
-    def admissible(self):
-        return ["go to countertop 1", "go to shelf 1"]
-
-    def phase(self):
-        return "find"
-
-    def step(self, action):
-        self.t += 1
-        self.won = action.strip().lower() == self.WANTS[self.task_type]
-        self.failed = not self.won
-        return "Nothing happens.", WIN_REWARD * self.won, True, False, self._info()
-
-    def solve(self):
-        return self.WANTS[self.task_type]
-
-
-TOY_VARIANTS = {"demo": ToyEnv, "conflict": ConflictToyEnv, "planted": PlantedToyEnv}
-
-
 class ToyBatch:
-    """N toy envs (of a TOY_VARIANTS variant) stepped in lockstep."""
+    """N toy envs stepped in lockstep."""
 
-    def __init__(self, n, max_steps=20, variant="demo", tasks=None):
-        self.envs = [TOY_VARIANTS[variant](max_steps, tasks) for _ in range(n)]
+    def __init__(self, n, max_steps=20):
+        self.envs = [ToyEnv(max_steps) for _ in range(n)]
         self.max_steps = max_steps
 
     def reset(self, seeds):
@@ -941,12 +759,11 @@ ENVS = ("toy", "alfworld")
 TASK_COLUMNS = {"toy": TASK_TYPES, "alfworld": list(ALFWORLD_TASKS.values())}
 
 
-def make_env_batch(name, n, max_steps, split="train", data=None, variant="demo", tasks=None):
-    """toy (of a TOY_VARIANTS variant, its episodes of the task types `tasks`, None: all): every
-    split draws from the same generator (training and evaluation seeds never meet); alfworld: the
-    split's games under `data`."""
+def make_env_batch(name, n, max_steps, split="train", data=None):
+    """toy: every split draws from the same generator (training and evaluation seeds never meet);
+    alfworld: the split's games under `data`."""
     if name == "toy":
-        return ToyBatch(n, max_steps, variant, tasks)
+        return ToyBatch(n, max_steps)
     if name == "alfworld":
         return AlfworldBatch(n, max_steps, data, split)
     raise ValueError(f"unknown env {name!r}; use one of {ENVS}")
@@ -1109,9 +926,7 @@ def saved_tiny_tokenizer(folder):
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def pretrain_tiny(
-    model, tok, env, seed, steps, prior, prompt_format, alfworld_data=None, variant="demo", batch=32
-):
+def pretrain_tiny(model, tok, env, seed, steps, prior, prompt_format, alfworld_data=None, batch=32):
     """Stand-in for pretraining, `tiny` only: `steps` supervised steps on the base before it is
     frozen, on the prompts of toy episodes played by a noisy solver (each step the scripted
     solver's command with probability q = prior, else a uniformly drawn admissible one). Loss:
@@ -1127,7 +942,7 @@ def pretrain_tiny(
     rng = random.Random(seed)
     q = prior if env == "toy" else 0.0  # alfworld: no solver
     prompts, n_labels, solver = noisy_solver_prompts(
-        env, q, rng, prompt_format, alfworld_data, variant, batch
+        env, q, rng, prompt_format, alfworld_data, batch
     )
     label_ids = [tok.convert_tokens_to_ids(str(i + 1)) for i in range(max(n_labels))]
     label_ids = torch.tensor(label_ids)
@@ -1158,12 +973,12 @@ def pretrain_tiny(
         opt.step()
 
 
-def noisy_solver_prompts(env, q, rng, prompt_format, alfworld_data, variant, batch):
+def noisy_solver_prompts(env, q, rng, prompt_format, alfworld_data, batch):
     """The prompts of 4 x batch episodes played by the noisy solver (the solver's command with
     probability q, else a random admissible one), each with its number of listed actions and the
     solver's label (alfworld: no solver, the first action stands in)."""
     f = prompt_format
-    env_batch = make_env_batch(env, batch, f.max_steps, "train", alfworld_data, variant)
+    env_batch = make_env_batch(env, batch, f.max_steps, "train", alfworld_data)
     prompts, n_labels, solver = [], [], []
     with contextlib.closing(env_batch):
         for ep in range(4):
@@ -1218,7 +1033,7 @@ with the desklamp. go to take move put in on open close use heat cool clean slic
 inventory look help with from to."""
 
 
-def vocabulary(env="toy", max_labels=60, variant="demo"):
+def vocabulary(env="toy", max_labels=60):
     """Every word the toy env and the prompt can produce: the vocabulary of the `tiny` model's
     tokenizer. For
     alfworld: also the engine's sentences and every object and receptacle type alfworld knows."""
@@ -1235,7 +1050,7 @@ def vocabulary(env="toy", max_labels=60, variant="demo"):
             | set(names)
         )
         return sorted(words)
-    env, texts = TOY_VARIANTS[variant](max_steps=100), list(ANSWER.values())
+    env, texts = ToyEnv(max_steps=100), list(ANSWER.values())
     for seed in range(100):  # solved episodes, probing a bad command at every state
         obs, info = env.reset(seed)
         while True:

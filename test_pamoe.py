@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import analysis
 import envs
 import pamoe
 
@@ -53,7 +55,7 @@ def rollout_data():
 
 
 def batch_of(agent, R, n):
-    return R["seq"][:n], R["prompt_len"][:n], R["resp_len"][:n]
+    return R.seq[:n], R.prompt_len[:n], R.resp_len[:n]
 
 
 # --- LoRA experts ---------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_an_expert_no_step_chose_keeps_its_weights_and_adamw_state_through_the_u
     agent = make_agent("--num_experts", "4")
     randomize_experts(agent)
     _, R = rollout_data
-    R = dict(R, k=[i % 3 for i in range(len(R["k"]))])  # expert D never chosen
+    R = dataclasses.replace(R, k=[i % 3 for i in range(len(R.k))])  # expert D never chosen
     before = agent.trainable_state()
     opt = torch.optim.AdamW(agent.param_groups(), weight_decay=0.1)
     pamoe.ppo_update(agent, opt, R, pamoe.prepare_batch(agent, R), {"updates": 0})
@@ -243,27 +245,27 @@ def test_prepare_batch_returns_are_gae_bootstrapped_from_the_final_observation_a
         agent, envs.make_env_batch("toy", 4, 3), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False
     )
     B = pamoe.prepare_batch(agent, R)
-    assert R["final_window"]  # 3 steps: some lanes truncated
+    assert R.final_window  # 3 steps: some lanes truncated
 
     @torch.no_grad()
     def value(window, lane):
         return float(
             agent.critic(
-                R["table"][torch.tensor([window])], R["goal_states"][[lane]], R["goal_mask"][[lane]]
+                R.features[torch.tensor([window])], R.goal_states[[lane]], R.goal_mask[[lane]]
             )[0, 0]
         )
 
     for n in range(4):
-        idx = [i for i, lane in enumerate(R["lane"]) if lane == n]  # its steps, in order
-        values = [value(R["window"][i], n) for i in idx]
-        boot = value(R["final_window"][n], n) if n in R["final_window"] else 0.0
+        idx = [i for i, lane in enumerate(R.lane) if lane == n]  # its steps, in order
+        values = [value(R.window[i], n) for i in idx]
+        boot = value(R.final_window[n], n) if n in R.final_window else 0.0
         (adv,) = naive_gae(
-            [([R["reward"][i] for i in idx], values, R["terminated"][idx[-1]], boot)],
+            [([R.reward[i] for i in idx], values, R.terminated[idx[-1]], boot)],
             agent.args.gamma,
             agent.args.gae_lambda,
         )
         torch.testing.assert_close(
-            B["ret"][idx], torch.tensor(adv) + torch.tensor(values), atol=1e-5, rtol=1e-5
+            B.ret[idx], torch.tensor(adv) + torch.tensor(values), atol=1e-5, rtol=1e-5
         )
 
 
@@ -428,11 +430,14 @@ def test_rspo_trains_with_weights_between_its_floor_and_one(tmp_path, routing):
     out = str(tmp_path / "run")
     flags = ["--routing", routing, "--rspo", "--rspo_floor", "0.9", "--minibatch", "4"]
     last = pamoe.main(
-        SMALL + flags + ["--iterations", "2", "--diagnose_until", "1"] + ["--out_dir", out]
+        SMALL
+        + flags
+        + ["--iterations", "2", "--eval_every", "1", "--eval_episodes", "4"]
+        + ["--diagnostics", "--out_dir", out]
     )
     metrics = read_metrics(out)
-    assert "coherence/A" in metrics[0] or "conflict/A" in metrics[0]  # diagnostics ran with RSPO
-    weights = [m["rspo_weight"] for m in metrics]
+    assert "coherence/A" in metrics[1] or "conflict/A" in metrics[1]  # diagnostics ran with RSPO
+    weights = [m["rspo_weight"] for m in metrics[1:]]
     assert all(0.9 <= w <= 1 for w in weights) and min(weights) < 1  # the router moved after a step
     assert math.isfinite(last["pg_loss"])
 
@@ -449,13 +454,11 @@ def test_whitening_gives_mean_zero_and_standard_deviation_one_over_the_mask():
 def test_ppo_ratio_is_one_on_first_minibatch_and_kl_zero_while_experts_are_zero(rollout_data):
     agent, R = rollout_data
     B = pamoe.prepare_batch(agent, R)
-    mb = torch.arange(len(R["seq"]))[:8]
-    seqs, pl, rl = ([R[k][i] for i in mb] for k in ("seq", "prompt_len", "resp_len"))
-    logp, _, mask = agent.response_logprobs(
-        seqs, pl, rl, 1.0, pamoe.step_gates_for(agent, mb, B["k"])
-    )
-    old = torch.nn.utils.rnn.pad_sequence([B["old_logp"][i] for i in mb], batch_first=True)
-    ref = torch.nn.utils.rnn.pad_sequence([B["ref_logp"][i] for i in mb], batch_first=True)
+    mb = torch.arange(len(R.seq))[:8]
+    seqs, pl, rl = pamoe.sequences(R, mb)
+    logp, _, mask = agent.response_logprobs(seqs, pl, rl, 1.0, pamoe.step_gates_for(agent, mb, B.k))
+    old = torch.nn.utils.rnn.pad_sequence([B.old_logp[i] for i in mb], batch_first=True)
+    ref = torch.nn.utils.rnn.pad_sequence([B.ref_logp[i] for i in mb], batch_first=True)
     _, clipfrac, approx_kl = pamoe.ppo_policy_loss(logp, old, torch.ones_like(logp), mask, 0.2)
     # old log-probs came from batches grouped by length (other padding): equal up to float summation
     # order
@@ -464,8 +467,8 @@ def test_ppo_ratio_is_one_on_first_minibatch_and_kl_zero_while_experts_are_zero(
     )
     assert clipfrac == 0 and abs(float(approx_kl.detach())) < 1e-5
     assert float(pamoe.kl_k3(logp, ref, mask).detach()) == pytest.approx(0, abs=1e-6)
-    assert float(B["adv"].mean()) == pytest.approx(0, abs=1e-5)  # whitened
-    assert float(B["adv"].std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+    assert float(B.adv.mean()) == pytest.approx(0, abs=1e-5)  # whitened
+    assert float(B.adv.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
 
 
 def test_reference_log_probs_are_the_experts_off_models_and_kl_grows_once_experts_move(
@@ -478,13 +481,13 @@ def test_reference_log_probs_are_the_experts_off_models_and_kl_grows_once_expert
     agent = make_agent()
     randomize_experts(agent)
     B = pamoe.prepare_batch(agent, R)
-    idx = torch.arange(len(R["seq"]))
-    seqs, pl, rl = ([R[k][i] for i in idx] for k in ("seq", "prompt_len", "resp_len"))
+    idx = torch.arange(len(R.seq))
+    seqs, pl, rl = pamoe.sequences(R, idx)
     with torch.no_grad():
         off, _, mask = agent.response_logprobs(seqs, pl, rl, 1.0, None, experts_on=False)
-        on = agent.response_logprobs(seqs, pl, rl, 1.0, pamoe.step_gates_for(agent, idx, B["k"]))[0]
-    ref = torch.nn.utils.rnn.pad_sequence(B["ref_logp"], batch_first=True)
-    old = torch.nn.utils.rnn.pad_sequence(B["old_logp"], batch_first=True)
+        on = agent.response_logprobs(seqs, pl, rl, 1.0, pamoe.step_gates_for(agent, idx, B.k))[0]
+    ref = torch.nn.utils.rnn.pad_sequence(B.ref_logp, batch_first=True)
+    old = torch.nn.utils.rnn.pad_sequence(B.old_logp, batch_first=True)
     torch.testing.assert_close(
         torch.where(mask, ref, 0), torch.where(mask, off, 0), atol=1e-5, rtol=0
     )
@@ -542,9 +545,9 @@ def test_multi_token_answers_sample_from_the_policy_ppo_scores(hf_model):
     assert mask.all()
     torch.testing.assert_close(logp, sampled, atol=1e-4, rtol=0)
     R = pamoe.rollout(agent, envs.make_env_batch("toy", 4, 2), [1, 2, 3, 4], 2.0, 1.0, False)
-    assert max(R["resp_len"]) > 1 and max(R["resp_len"]) <= 16
-    assert any(R["invalid"])  # random text: invalid answers, each penalised
-    assert all(r == pytest.approx(-0.1) for r, bad in zip(R["reward"], R["invalid"]) if bad)
+    assert max(R.resp_len) > 1 and max(R.resp_len) <= 16
+    assert any(R.invalid)  # random text: invalid answers, each penalised
+    assert all(r == pytest.approx(-0.1) for r, bad in zip(R.reward, R.invalid) if bad)
 
 
 def test_switch_penalty_tau_annealing_and_balance():
@@ -601,27 +604,28 @@ def test_group_logratio_gives_the_mutual_information_of_expert_and_group_and_its
 
 def test_nmi_against_hand_computed_values():
     phases = ["find", "find", "take", "take", "place"]
-    assert pamoe.nmi([0] * 5, phases) == 0  # one expert carries no information about the phase
+    assert analysis.nmi([0] * 5, phases) == 0  # one expert carries no information about the phase
     # a one-to-one map, whatever the names
-    assert pamoe.nmi([2, 2, 0, 0, 1], phases) == pytest.approx(1)
+    assert analysis.nmi([2, 2, 0, 0, 1], phases) == pytest.approx(1)
     a, b = [0, 0, 1, 1], ["x", "y", "y", "y"]
     mi = 0.25 * math.log(2) + 0.25 * math.log(2 / 3) + 0.5 * math.log(4 / 3)
     h_a, h_b = math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    assert pamoe.nmi(a, b) == pytest.approx(mi / ((h_a + h_b) / 2))
-    assert pamoe.nmi(a, b) == pytest.approx(pamoe.nmi(b, a))
+    assert analysis.nmi(a, b) == pytest.approx(mi / ((h_a + h_b) / 2))
+    assert analysis.nmi(a, b) == pytest.approx(analysis.nmi(b, a))
 
 
 def test_occupancy_and_conflict_are_each_task_types_gradient_of_each_expert():
-    """expert_diagnostics against a naive loop: g_k,c,h summed step by step (each step's token-mean
-    clipped surrogate, the policy-gradient term alone, weighted by its share of all response
-    tokens) over the steps of task type c in half h (even or odd lanes), restricted to expert k's A
-    and B. Occupancy sums to 1 over the task types of an expert, an expert no step was routed to is
-    left out, conflict is the mean pairwise cosine, conflict_pick that of pick against each other
-    type, coherence the cosine of the two halves of a type."""
+    """The diagnostics (pamoe.diagnose, analysis.expert_diagnostics) against a naive loop: g_k,c,h
+    summed step by step (each step's token-mean clipped surrogate, the policy-gradient term alone,
+    weighted by its share of all response tokens) over the steps of task type c in half h (even or
+    odd lanes), restricted to expert k's A and B. Occupancy sums to 1 over the task types of an
+    expert, an expert no step was routed to is left out, conflict is the mean pairwise cosine,
+    conflict_pick that of pick against each other type, coherence the cosine of the two halves of
+    a type."""
     agent = make_agent("--num_experts", "3", "--num_envs", "8")
     randomize_experts(agent)
     R = pamoe.rollout(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0, 1.0, False)
-    types, tokens = sorted(set(R["task_type"])), sum(R["resp_len"])
+    types, tokens = sorted(set(R.task_type)), sum(R.resp_len)
     assert "pick" in types and len(types) >= 3
     params = [p for e in agent.experts for p in (*e.A, *e.B)]
 
@@ -633,17 +637,15 @@ def test_occupancy_and_conflict_are_each_task_types_gradient_of_each_expert():
         return float(F.cosine_similarity(x, y, dim=0))
 
     # expert A: pick only, B: the rest, C: nothing; then C: everything
-    for routing in ([0 if tt == "pick" else 1 for tt in R["task_type"]], [2] * len(R["k"])):
-        R["k"] = routing
+    for routing in ([0 if tt == "pick" else 1 for tt in R.task_type], [2] * len(R.k)):
+        R.k = routing
         B = pamoe.prepare_batch(agent, R)
-        diag = pamoe.expert_diagnostics(agent, R, B)
+        diag = pamoe.diagnose(agent, R, B)
         g = {(c, h): [torch.zeros_like(p) for p in params] for c in types for h in (0, 1)}
-        for i, (c, lane) in enumerate(zip(R["task_type"], R["lane"])):
-            gates = pamoe.step_gates_for(agent, torch.tensor([i]), B["k"])
-            _, stats, n_resp = pamoe.policy_loss(
-                agent, R, B, torch.tensor([i]), gates, pg_only=True
-            )
-            grads = torch.autograd.grad(n_resp / tokens * stats["pg_loss"], params)
+        for i, (c, lane) in enumerate(zip(R.task_type, R.lane)):
+            gates = pamoe.step_gates_for(agent, torch.tensor([i]), B.k)
+            terms, _, n_resp = pamoe.policy_loss(agent, R, B, torch.tensor([i]), gates)
+            grads = torch.autograd.grad(n_resp / tokens * terms["pg"], params)
             g[c, lane % 2] = [x + y for x, y in zip(g[c, lane % 2], grads)]
         whole = {c: of_expert([x + y for x, y in zip(g[c, 0], g[c, 1])], 0) for c in types}
         if routing[0] == 2:  # expert C: every type
@@ -676,26 +678,53 @@ def test_occupancy_and_conflict_are_each_task_types_gradient_of_each_expert():
         assert "conflict/A" not in diag and "conflict_pick/B" not in diag  # A: one type
 
 
-def test_the_conflict_metric_finds_a_planted_conflict():
-    """The positive control (--toy_variant planted): two task types with the same prompt won by
-    opposite answers. Their policy gradients point apart (conflict < 0) while the two halves of
-    each type agree (coherence > 0)."""
-    flags = [
-        "--toy_variant",
-        "planted",
-        "--routing",
-        "dense",
-        "--num_envs",
-        "32",
-        "--tiny_steps",
-        "40",
-    ]
-    agent = make_agent(*flags)  # a base that answers with a label
+class PlantedToyEnv(envs.ToyEnv):
+    """A planted conflict, the positive control of the conflict metric: two task types, pick and
+    clean, whose one-step episodes show the same goal and observation and are won by opposite
+    answers, so that their policy gradients must point apart."""
+
+    WANTS = {"pick": "go to shelf 1", "clean": "go to countertop 1"}
+
+    def reset(self, seed):
+        self.task_type = random.Random(seed).choice(sorted(self.WANTS))
+        self.goal = "put some apple in shelf 1."
+        self.at, self.holding, self.won, self.failed, self.t = None, None, False, False, 0
+        obs = "You are in the middle of a room. Looking quickly around you, you see a shelf 1."
+        return obs, self._info()
+
+    def admissible(self):
+        return ["go to countertop 1", "go to shelf 1"]
+
+    def solve(self):
+        return self.WANTS[self.task_type]
+
+    def phase(self):
+        return "find"
+
+    def step(self, action):
+        self.t += 1
+        self.won = action.strip().lower() == self.WANTS[self.task_type]
+        self.failed = not self.won
+        return "Nothing happens.", envs.WIN_REWARD * self.won, True, False, self._info()
+
+
+class PlantedBatch(envs.ToyBatch):
+    def __init__(self, n, max_steps=1):
+        super().__init__(n, max_steps)
+        self.envs = [PlantedToyEnv(max_steps) for _ in range(n)]
+
+
+def test_the_conflict_metric_finds_a_planted_conflict(monkeypatch):
+    """The positive control: two task types with the same prompt won by opposite answers. Their
+    policy gradients point apart (conflict < 0) while the two halves of each type agree
+    (coherence > 0). `tiny` warms up on these episodes, so that it answers with their labels."""
+    with monkeypatch.context() as m:
+        m.setattr(envs, "make_env_batch", lambda name, n, *rest: PlantedBatch(n))
+        agent = make_agent("--routing", "dense", "--num_envs", "32", "--tiny_steps", "40")
     randomize_experts(agent)
-    batch = envs.make_env_batch("toy", 32, 1, variant="planted")
-    R = pamoe.rollout(agent, batch, list(range(32)), 2.0, 1.0, greedy_router=False)
-    assert set(R["task_type"]) == {"pick", "clean"} and len(set(R["obs"])) == 1
-    diag = pamoe.expert_diagnostics(agent, R, pamoe.prepare_batch(agent, R))
+    R = pamoe.rollout(agent, PlantedBatch(32), list(range(32)), 2.0, 1.0, greedy_router=False)
+    assert set(R.task_type) == {"pick", "clean"} and len(set(R.obs)) == 1
+    diag = pamoe.diagnose(agent, R, pamoe.prepare_batch(agent, R))
     assert diag["conflict/A"] < -0.5 and diag["coherence/A"] > 0.5, diag
 
 
@@ -734,88 +763,15 @@ def test_toy_env_is_deterministic_and_flags_invalid_actions():
     assert obs2 == "Nothing happens." and r == 0 and not term
 
 
-def test_the_conflict_variant_asks_task_types_for_different_answers_in_one_state():
-    """--toy_variant conflict: every game is won by its scripted solution, phase by phase; holding
-    the object at a closed appliance, both `open` (needed to put it in) and the transform are
-    admissible, and pick games whose target is that appliance want the one while the transform's
-    games want the other, at different action numbers in one observation."""
-    env, seen, wants = envs.ConflictToyEnv(max_steps=50), set(), {}
-    for seed in range(300):
-        obs, info = env.reset(seed)
-        phases = [info["phase"]]
-        while not env.won:
-            best = env.solve()
-            closed = env.at in envs.CLOSED and not env.is_open(env.at)
-            if closed and env.holding == env.obj and not env.transformed:
-                assert f"open {env.at}" in info["admissible"]
-                assert any(c.startswith(("heat", "cool")) for c in info["admissible"])
-                listed = envs.listed_actions(info["admissible"])
-                wants.setdefault((env.at, obs), set()).add((env.task_type, listed.index(best)))
-            obs, r, term, trunc, info = env.step(best)
-            assert not trunc
-            phases.append(info["phase"])
-        assert r == envs.WIN_REWARD and term
-        order = [envs.PHASES.index(p) for p in phases[:-1]]
-        assert order == sorted(order)
-        seen.add(info["task_type"])
-    assert seen == set(envs.TASK_TYPES)
-    # one observation (the goal aside) in which pick and a transform want different numbers
-    split = [w for w in wants.values() if len({task for task, _ in w}) > 1]
-    assert split and all(len({label for _, label in w}) > 1 for w in split)
-
-
-class SolvingBatch(envs.ToyBatch):
-    """Toy lanes that play their scripted solution whatever the model answered."""
-
-    def step(self, actions):
-        return [None if a is None else env.step(env.solve()) for env, a in zip(self.envs, actions)]
-
-
-@pytest.mark.parametrize("routing", ["task_oracle", "phase_oracle"])
-def test_oracle_routings_route_by_the_task_type_or_the_hidden_phase(routing):
-    agent = make_agent("--routing", routing, "--toy_variant", "conflict", "--num_envs", "8")
-    assert agent.router is None
-    batch = SolvingBatch(8, 10, variant="conflict")  # every phase is reached
-    R = pamoe.rollout(agent, batch, list(range(8)), 2.0, 1.0, greedy_router=False)
-    if routing == "task_oracle":
-        expected = [envs.TASK_TYPES.index(c) for c in R["task_type"]]
-    else:  # find, take, transform, then carry and place share the last expert
-        expected = [min(envs.PHASES.index(p), 3) for p in R["phase"]]
-    assert R["k"] == expected and len(set(expected)) >= 3
-
-
-def test_task_norm_whitens_each_task_types_advantages_among_themselves():
-    agent = make_agent("--task_norm", "--num_envs", "8")
-    R = pamoe.rollout(agent, envs.make_env_batch("toy", 8, 6), list(range(8)), 2.0, 1.0, False)
-    adv = pamoe.prepare_batch(agent, R)["adv"]
-    types = torch.tensor([envs.TASK_TYPES.index(c) for c in R["task_type"]])
-    assert len(types.unique()) >= 2
-    for c in types.unique():
-        mine = adv[types == c]
-        assert float(mine.mean()) == pytest.approx(0, abs=1e-5)
-        assert float(mine.std(unbiased=False)) == pytest.approx(1, abs=1e-3)
-
-
-def test_train_tasks_and_a_fixed_number_of_minibatches(tmp_path):
-    """--train_tasks: training episodes of those task types only (evaluation plays every type);
-    --minibatches: that many optimiser steps per epoch, however many steps the rollout has."""
-    batch = envs.make_env_batch("toy", 16, 6, tasks=["clean", "cool"])
-    assert {info["task_type"] for _, info in batch.reset(list(range(16)))} == {"clean", "cool"}
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_diagnostics_are_opt_in_and_run_at_evaluated_iterations(tmp_path, diagnostics):
+    """--diagnostics: occupancy and conflict at the evaluated training iterations (not at the
+    frozen base's evaluation, iteration 0, which has no update); none without the flag."""
     out = str(tmp_path / "run")
-    flags = ["--train_tasks", "heat", "--minibatches", "3", "--iterations", "2", "--out_dir", out]
-    pamoe.main(SMALL + ["--eval_every", "2", "--eval_episodes", "8"] + flags)
-    metrics = read_metrics(out)
-    assert metrics[1]["success/heat"] >= 0 and "success/pick" not in metrics[1]
-    assert len({k for k in metrics[-1] if k.startswith("eval/success/")}) >= 2
-    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
-    assert state["tau_updates"] == 2 * 3
-
-
-def test_diagnostics_run_at_every_iteration_up_to_diagnose_until(tmp_path):
-    out = str(tmp_path / "run")
-    pamoe.main(SMALL + ["--iterations", "3", "--diagnose_until", "2", "--out_dir", out])
+    flags = ["--iterations", "3", "--eval_every", "2", "--eval_episodes", "4", "--out_dir", out]
+    pamoe.main(SMALL + flags + ["--diagnostics", str(diagnostics)])
     diagnosed = [any(k.startswith("occupancy/") for k in m) for m in read_metrics(out)]
-    assert diagnosed == [True, True, False]
+    assert diagnosed == [False, False, diagnostics, diagnostics]
 
 
 def test_step_limit_truncates_and_phases_follow_the_solution():
@@ -857,15 +813,15 @@ def test_an_untransformed_object_at_the_target_fails_the_task_and_ends_the_episo
     seeds = list(range(8))
     batch = MisplacingBatch(len(seeds), max_steps=6)
     R = pamoe.rollout(make_agent(), batch, seeds, 2.0, 1.0, greedy_router=False)
-    last = {n: i for i, n in enumerate(R["lane"])}  # each lane's final step
-    types = [R["task_type"][last[n]] for n in range(len(seeds))]
+    last = {n: i for i, n in enumerate(R.lane)}  # each lane's final step
+    types = [R.task_type[last[n]] for n in range(len(seeds))]
     assert "pick" in types and set(types) - {"pick"}
     for n, tt in enumerate(types):
         i = last[n]
-        assert R["terminated"][i] and not R["truncated"][i] and R["won"][i] == (tt == "pick")
-        assert R["reward"][i] == (10.0 if tt == "pick" else 0.0) - 0.1 * R["invalid"][i]
-    assert R["final_window"] == {}  # termination, won or failed, never bootstraps
-    assert [R["last_verb"][i] for i, t in enumerate(R["t"]) if t == 0] == [""] * len(seeds)
+        assert R.terminated[i] and not R.truncated[i] and R.won[i] == (tt == "pick")
+        assert R.reward[i] == (10.0 if tt == "pick" else 0.0) - 0.1 * R.invalid[i]
+    assert R.final_window == {}  # termination, won or failed, never bootstraps
+    assert [R.last_verb[i] for i, t in enumerate(R.t) if t == 0] == [""] * len(seeds)
 
 
 def test_prompt_holds_task_history_and_admissible_actions():
@@ -967,16 +923,16 @@ BAD_FLAGS = [  # (the flag the message must name, a command line a new user migh
     ("rspo", ["--rspo", "--routing", "dense"]),
     ("rspo", ["--rspo", "maybe"]),
     ("rspo_floor", ["--rspo_floor", "1.5"]),
-    ("toy_variant", ["--toy_variant", "hard"]),
-    ("toy_variant", ["--toy_variant", "conflict", "--env", "alfworld", "--alfworld_data", "/tmp"]),
-    ("num_experts", ["--routing", "task_oracle", "--num_experts", "3"]),
-    ("routing", ["--routing", "phase_oracle", "--env", "alfworld", "--alfworld_data", "/tmp"]),
-    ("task_norm", ["--task_norm", "--advantage", "grpo", "--group_size", "2"]),
-    ("task_norm", ["--task_norm", "sometimes"]),
-    ("diagnose_until", ["--diagnose_until", "-1"]),
-    ("train_tasks", ["--train_tasks", "pick,boil"]),
-    ("train_tasks", ["--train_tasks", "pick", "--env", "alfworld", "--alfworld_data", "/tmp"]),
-    ("minibatches", ["--minibatches", "-2"]),
+    ("routing", ["--routing", "task_oracle"]),
+    ("rspo", ["--rspo", "--routing", "dense", "--dense_rank", "16"]),
+    ("num_experts", ["--num_experts", "2.5"]),
+    ("diagnostics", ["--diagnostics", "sometimes"]),
+    ("group_size", ["--advantage", "gigpo", "--num_envs", "6", "--group_size", "4"]),
+    ("eval_split", ["--env", "alfworld", "--eval_split", "valid_seen"]),
+    ("minibatch", ["--minibatch", "-2"]),
+    ("tau_steps", ["--tau_steps", "1.5"]),
+    ("dtype", ["--dtype", "auto16"]),
+    ("max_steps", ["--max_steps", "1001"]),
     ("compile_decode", ["--compile_decode", "--routing", "token"]),
     ("compile_decode", ["--compile_decode", "never"]),
     ("no_such_flag", ["--no_such_flag", "1"]),
@@ -1563,9 +1519,9 @@ def test_a_game_dying_mid_rollout_ends_its_episode_and_the_update_still_runs(min
         R = pamoe.rollout(agent, batch, [0], 2.0, 1.0, greedy_router=False)
     finally:
         batch.close()
-    assert R["truncated"] == [True] and R["reward"][0] <= 0
+    assert R.truncated == [True] and R.reward[0] <= 0
     B = pamoe.prepare_batch(agent, R)  # bootstraps from the failed lane's final observation
-    assert torch.isfinite(B["ret"]).all()
+    assert torch.isfinite(B.ret).all()
 
 
 def test_alfworld_prompt_holds_task_history_and_actions_within_the_limit(mini, hf_model):
@@ -1727,6 +1683,7 @@ def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_interv
 
     out = str(tmp_path / "ablation")
     flags = SMALL + ["--eval_every", "1", "--eval_episodes", "4", "--tiny_steps", "3"]
+    flags += ["--diagnostics"]  # the report's diagnostics table
     command = (
         f"ablation --routings phase,dense --seeds 1,2 --iterations 1 --out_dir {out}".split()
         + ["--arm", "g2=--advantage grpo --group_size 2"]
@@ -1744,9 +1701,12 @@ def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_interv
     assert re.search(r"\| phase \| \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", report)  # mean [95% interval]
     args = json.load(open(os.path.join(out, "g2-seed1", "args.json")))
     assert args[args.index("--advantage") + 1] == "grpo"
+    figure = os.path.join(out, "ablation.png")
+    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(figure) < 200_000
     capsys.readouterr()
-    bench.main([*command, *flags])
+    bench.main([*command, *flags, "--figure_arms", "phase,dense"])  # redrawn from the runs
     assert "6 runs (6 already done)" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "ablation-phase-dense.png"))
     built = make_agent("--tiny_steps", "3", seed=1)
     loaded = make_agent("--tiny_steps", "3", "--model", os.path.join(out, "base-seed1"), seed=1)
     for (n, a), (m, b) in zip(built.state_dict().items(), loaded.state_dict().items()):
@@ -1817,13 +1777,13 @@ def test_micro_batches_and_checkpointing_give_the_minibatch_gradient(routing):
         agent, envs.make_env_batch("toy", 4, 6), [1, 2, 3, 4], 2.0, 1.0, greedy_router=False
     )
     B = pamoe.prepare_batch(agent, R)
-    assert len(R["seq"]) % 5 and len(R["seq"]) <= 64
+    assert len(R.seq) % 5 and len(R.seq) <= 64
     whole = minibatch_grads(agent, R, B, 0)
     assert_same_grads(whole, minibatch_grads(agent, R, B, 5))
     calls = []
     ckpt.experts[0].register_forward_hook(lambda *_: calls.append(1))
     assert_same_grads(whole, minibatch_grads(ckpt, R, B, 5))
-    parts = -(-len(R["seq"]) // 5)
+    parts = -(-len(R.seq) // 5)
     # forward and replay of each part (+ token pre-pass)
     assert len(calls) == 2 * parts + (routing[-1] == "token")
 
@@ -1857,21 +1817,19 @@ def test_the_update_gives_the_gradient_of_one_graph_written_from_the_equations()
     B = pamoe.prepare_batch(agent, R)
     update = minibatch_grads(agent, R, B, 0)
     agent.zero_grad(set_to_none=True)
-    a, K, N = agent.args, 4, len(R["seq"])
-    lanes, k = torch.tensor(R["lane"]), torch.tensor(R["k"])
-    windows = R["table"][torch.tensor(R["window"])]  # (N, L, 2d)
-    goal, goal_mask = R["goal_states"][lanes], R["goal_mask"][lanes]
+    a, K, N = agent.args, 4, len(R.seq)
+    lanes, k = torch.tensor(R.lane), torch.tensor(R.k)
+    windows = R.features[torch.tensor(R.window)]  # (N, L, 2d)
+    goal, goal_mask = R.goal_states[lanes], R.goal_mask[lanes]
     p = F.softmax(agent.router(windows, goal, goal_mask) / a.tau_start, -1)  # (N, K)
-    step_of = {(n, t): i for i, (n, t) in enumerate(zip(R["lane"], R["t"]))}
+    step_of = {(n, t): i for i, (n, t) in enumerate(zip(R.lane, R.t))}
     pairs = [
-        (i, step_of[n, t + 1])
-        for i, (n, t) in enumerate(zip(R["lane"], R["t"]))
-        if (n, t + 1) in step_of
+        (i, step_of[n, t + 1]) for i, (n, t) in enumerate(zip(R.lane, R.t)) if (n, t + 1) in step_of
     ]
     switch = torch.stack([1 - (p[i] * p[j]).sum() for i, j in pairs]).mean()
     balance = K * (torch.bincount(k, minlength=K) / N * p.mean(0)).sum()
-    verbs = sorted(set(R["last_verb"]))
-    group = torch.tensor([verbs.index(v) for v in R["last_verb"]])
+    verbs = sorted(set(R.last_verb))
+    group = torch.tensor([verbs.index(v) for v in R.last_verb])
 
     def entropy(q):
         return -(q * q.log()).sum(-1)
@@ -1882,13 +1840,12 @@ def test_the_update_gives_the_gradient_of_one_graph_written_from_the_equations()
     gates = (F.one_hot(k, K) + p - p.detach())[:, None]  # (N, 1, K)
     with agent.routing(gates):
         logp, ent, mask = agent.response_logprobs(
-            R["seq"], R["prompt_len"], R["resp_len"], a.temperature, gates
+            R.seq, R.prompt_len, R.resp_len, a.temperature, gates
         )
     old, ref = (
-        torch.nn.utils.rnn.pad_sequence(B[key], batch_first=True)
-        for key in ("old_logp", "ref_logp")
+        torch.nn.utils.rnn.pad_sequence(logp, batch_first=True) for logp in (B.old_logp, B.ref_logp)
     )
-    ratio, adv = (logp - old).exp(), B["adv"][:, None]
+    ratio, adv = (logp - old).exp(), B.adv[:, None]
     surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip, 1 + a.clip))
     kl = (ref - logp).exp() - (ref - logp) - 1
     value = agent.critic(windows, goal, goal_mask)[:, 0]
@@ -1899,7 +1856,7 @@ def test_the_update_gives_the_gradient_of_one_graph_written_from_the_equations()
         + a.switch_coef * switch
         + a.balance_coef * balance
         - a.info_coef * info
-        + a.vf_coef * 0.5 * ((value - B["ret"]) ** 2).mean()
+        + a.vf_coef * 0.5 * ((value - B.ret) ** 2).mean()
     )
     loss.backward()
     graph = {n: p.grad for n, p in agent.named_parameters() if p.grad is not None}
@@ -2009,11 +1966,11 @@ def test_tagged_responses_stop_at_the_action_per_sequence(hf_model, monkeypatch)
     )
     # tokens up to the stop
     stops = [len(agent.tok("".join(a.partition("</action>")[:2])).input_ids) for a in answers]
-    assert R["resp_len"] == stops and widths == [max(stops)] and max(stops) < 64
-    assert [agent.tok.decode(s[-n:]) for s, n in zip(R["seq"], stops)] == [
+    assert R.resp_len == stops and widths == [max(stops)] and max(stops) < 64
+    assert [agent.tok.decode(s[-n:]) for s, n in zip(R.seq, stops)] == [
         a.partition(" and")[0] for a in answers
     ]
-    assert R["invalid"] == [False, False]
+    assert R.invalid == [False, False]
     ids = agent.tok("<think>x</think><action>go</action> more", add_special_tokens=False).input_ids
     assert (
         envs.response_length(ids + [agent.tok.eos_token_id], agent.tok, "</action>") == len(ids) - 5
@@ -2105,6 +2062,103 @@ def test_the_static_cache_path_samples_what_the_dynamic_one_does(hf_model):
     assert torch.equal(agent.gate_buffers[5][3:, 0], F.one_hot(torch.tensor([0, 0]), 4).float())
 
 
+def record_scores(agent):
+    """From here agent.lm.generate also records each call's sampler log-probs (B, new tokens, V)
+    in the list returned."""
+    generate, scores = agent.lm.generate, []
+
+    def generate_with_scores(**kw):
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1).float().log_softmax(-1))
+        return out.sequences
+
+    agent.lm.generate = generate_with_scores
+    return scores
+
+
+def compiled_decode(agent, backend):
+    """pamoe.generate with --compile_decode, compilation forced on the CPU (NOTES 18: load_model
+    replaces the generation config, so it is set here, after): one warm-up call after a reset of
+    every compiled graph and count, then three calls with other gates and prompts. Returns the
+    compile counters after the warm-up and after the three calls, and the three calls' samples and
+    sampler log-probs (one seed each)."""
+    import bench
+    from transformers import CompileConfig
+
+    config = CompileConfig(mode="default", backend=backend)
+    config._compile_all_devices = True
+    agent.lm.generation_config.compile_config = config
+    agent.args.compile_decode = True
+    generate = agent.lm.generate
+    scores = record_scores(agent)
+    bench.reset_compile()
+    samples = []
+    for c, (prompts, gates) in enumerate(DECODE_CALLS):
+        torch.manual_seed(0)
+        samples.append(pamoe.generate(agent, prompts, gates, 1.0, batch_size=3)[0])
+        if c == 0:
+            warm = bench.compile_counters()
+    agent.lm.generate = generate
+    return warm, bench.compile_counters(), samples[1:], scores[1:]
+
+
+# a warm-up call, then three with other prompts (other lengths) and other experts per prompt
+DECODE_CALLS = [
+    (
+        [f"<|im_start|>user\nTask {i}: {'go ' * (i + c)}<|im_end|>\n" for i in (1, 4, 7)],
+        F.one_hot(torch.tensor(k), 4).float()[:, None],
+    )
+    for c, k in enumerate(([0, 1, 2], [3, 3, 0], [2, 0, 1], [1, 2, 3]))
+]
+
+
+def assert_one_graph(warm, after):
+    """The compiled decode step is one graph: no graph break and nothing unimplemented since the
+    reset, and no graph added after the warm-up call."""
+    assert after["graph_breaks"] == 0 and after["unimplemented"] == 0, after
+    assert after["graphs"] == warm["graphs"] >= 1, (warm, after)
+
+
+COMPILE_BACKEND = "inductor"
+
+
+def test_the_compiled_decode_step_is_one_graph_and_samples_what_eager_does(hf_model):
+    """--compile_decode on a 2-layer model with 4 routed experts: the decode step compiles into one
+    graph that no change of gates or prompts recompiles, and the compiled calls sample the eager
+    path's tokens with its log-probs (float32, 1e-4). What a lent GPU would otherwise be the first
+    to reveal; its speed is not measured here."""
+    flags = ["--model", hf_model, "--action_format", "tagged", "--max_new_tokens", "16"]
+    agent = make_agent(*flags, "--max_prompt_tokens", "64")
+    randomize_experts(agent)
+    warm, after, compiled, compiled_scores = compiled_decode(agent, COMPILE_BACKEND)
+    assert_one_graph(warm, after)
+    agent.args.compile_decode = False  # the eager path: a dynamic cache, nothing compiled
+    eager_scores = record_scores(agent)
+    for c, (prompts, gates) in enumerate(DECODE_CALLS[1:]):
+        torch.manual_seed(0)
+        eager = pamoe.generate(agent, prompts, gates, 1.0, batch_size=3)[0]
+        for (p1, r1, _), (p2, r2, _) in zip(compiled[c], eager):
+            assert torch.equal(p1, p2) and torch.equal(r1, r2)
+        torch.testing.assert_close(compiled_scores[c], eager_scores[c], atol=1e-4, rtol=0)
+
+
+def test_the_one_graph_check_sees_a_graph_break_in_the_experts(hf_model, monkeypatch):
+    """The check of the test above fails when the experts' forward breaks the graph."""
+    forward = pamoe.LoRAExperts.forward
+
+    def broken(self, x):
+        torch._dynamo.graph_break()
+        return forward(self, x)
+
+    monkeypatch.setattr(pamoe.LoRAExperts, "forward", broken)
+    flags = ["--model", hf_model, "--action_format", "tagged", "--max_new_tokens", "16"]
+    agent = make_agent(*flags, "--max_prompt_tokens", "64")
+    warm, after, _, _ = compiled_decode(agent, COMPILE_BACKEND)
+    with pytest.raises(AssertionError):
+        assert_one_graph(warm, after)
+    assert after["graph_breaks"] > 0
+
+
 GPU_USER_CASES = {
     "toy, float32": ["--env", "toy"],
     "toy, bfloat16": ["--env", "toy", "--dtype", "bfloat16"],
@@ -2177,15 +2231,21 @@ def test_preflight_reports_memory_and_time_and_trains_nothing(
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # trains nothing
 
 
-def test_gpu_rollout_runs_on_the_cpu_with_a_small_model(tmp_path):
-    """bench.py gpu-rollout, the device script, in miniature: every row measured, the static path
-    samples what the eager one does (no compile on the CPU), an estimate of the preset's run."""
+def test_gpu_rollout_runs_on_the_cpu_with_a_small_model(tmp_path, monkeypatch, capsys):
+    """bench.py gpu-rollout, the device script, in miniature and where matplotlib is absent (as on
+    the device): every row measured, the static path samples what the eager one does (no compile
+    on the CPU, and it says so), an estimate of the preset's run."""
     import bench
 
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it would fail
     out = str(tmp_path / "gpu-rollout.json")
     flags = "gpu-rollout --size small --batch 4 --prompt 48 --new 6".split() + ["--out", out]
     report = bench.main(flags)
     assert len(report["rows"]) == 4 and all(r["decode_ms_per_step"] > 0 for r in report["rows"])
+    assert not any(r["compiled"] for r in report["rows"]) and all(
+        r["graphs"] == 0 for r in report["rows"]
+    )
+    assert capsys.readouterr().out.count("static (no compile on the CPU)") == 2
     assert report["agreement"]["tokens_equal"] == 1 and report["agreement"]["max_logp_diff"] < 1e-4
     assert report["estimate"]["iteration_min"] > 0 and json.load(open(out))["size"] == "small"
 
@@ -2235,18 +2295,19 @@ def test_memory_model_counts_what_backward_keeps_and_checkpointing_cuts_it():
 def take_lanes(R, lanes):
     """What a rank stepping `lanes` (a range) collects of the rollout R: their steps, lanes numbered
     from 0."""
+    mine = [i for i, n in enumerate(R.lane) if n in lanes]
     part = {
-        key: [v[i] for i, n in enumerate(R["lane"]) if n in lanes]
-        for key, v in R.items()
-        if isinstance(v, list)
+        f.name: [getattr(R, f.name)[i] for i in mine]
+        for f in dataclasses.fields(R)
+        if isinstance(getattr(R, f.name), list)
     }
     part["lane"] = [n - lanes.start for n in part["lane"]]
-    return dict(
-        part,
-        table=R["table"],
-        goal_states=R["goal_states"][lanes.start : lanes.stop],
-        goal_mask=R["goal_mask"][lanes.start : lanes.stop],
-        final_window={n - lanes.start: w for n, w in R["final_window"].items() if n in lanes},
+    return pamoe.Rollout(
+        **part,
+        features=R.features,
+        goal_states=R.goal_states[lanes.start : lanes.stop],
+        goal_mask=R.goal_mask[lanes.start : lanes.stop],
+        final_window={n - lanes.start: w for n, w in R.final_window.items() if n in lanes},
     )
 
 
