@@ -1,11 +1,14 @@
-"""analysis.py: what a run says about its experts, beside pamoe.py's training.
+"""analysis.py: what a run says about itself, beside pamoe.py's training.
 
 - expert_diagnostics: the paper's parameter occupancy (its Fig. 1) and the gradient conflict
   between task types, per expert (pamoe.py --diagnostics, at each evaluation);
 - nmi and usage_tables: how the evaluation's routing lines up with the task types and phases
-  (every evaluation's eval/phase_nmi, eval/usage/* and the tables of eval.log).
+  (every evaluation's eval/phase_nmi, eval/usage/* and the tables of eval.log);
+- rollout_stats, episode_metrics, iteration_metrics, evaluation_report: a metrics.jsonl line and
+  an evaluation's text, from a rollout's per-step lists (pamoe.Rollout);
+- Clock and DecodeMark: where an iteration's time goes (prefill, decode, env, ...).
 
-Pure functions of what they are given: this module imports neither pamoe.py nor bench.py.
+Functions of what they are given: this module imports neither pamoe.py nor bench.py.
 """
 
 import contextlib
@@ -16,6 +19,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import envs
 
 LETTERS = "ABCDEFGHIJKLMNOP"  # expert names in tables, metrics and exports
 
@@ -40,8 +45,8 @@ def expert_diagnostics(task_types, lanes, types, gradient):
             ]
             halves[c, half] = gradient(steps_of)
     g = {c: halves[c, 0] + halves[c, 1] for c in types}
-    out = {}
-    for k in range(len(next(iter(g.values())))):
+    out, K = {}, len(g[types[0]])
+    for k in range(K):
         norms = {c: float(g[c][k].norm()) for c in types}
         total = sum(norms.values())
         if total == 0:  # an expert no step was routed to
@@ -148,6 +153,35 @@ def episode_metrics(steps, episodes, K, task_types, prefix=""):
         m[f"expert_share/{LETTERS[k]}"] = np.equal(steps.k, k)
     # a task type no episode drew has no success
     return {prefix + key: float(np.mean(v)) for key, v in m.items() if len(v)}
+
+
+def iteration_metrics(it, all_steps, stats, times, args, t0):
+    """One line of metrics.jsonl: the training episodes of all ranks, the update's statistics,
+    sizes and times."""
+    episodes = rollout_stats(all_steps, args.num_envs)
+    task_types = envs.TASK_COLUMNS[args.env]
+    m = {"iteration": it}
+    m.update(episode_metrics(all_steps, episodes, args.experts[0], task_types))
+    m.update(stats)
+    m["resp_len_mean"] = np.mean(all_steps.resp_len)
+    m["resp_len_max"] = max(all_steps.resp_len)
+    m["env_steps"] = len(all_steps.k)
+    m.update(times)  # rollout, prepare and update; prefill, decode, env and features; counts
+    if times.get("decode_steps"):
+        m["decode_ms_per_step"] = 1000 * times["decode_s"] / times["decode_steps"]
+    if times.get("generated"):  # every row of every decode step, finished or not
+        m["gen_tokens_per_s"] = times["generated"] / (times["prefill_s"] + times["decode_s"])
+    m["iteration_s"] = time.time() - t0
+    m["sps"] = m["env_steps"] / m["iteration_s"]
+    return m
+
+
+def evaluation_report(it, metrics, tables):
+    """The text of an evaluation: success in all and per task type, then the tables."""
+    columns = " ".join(
+        f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/success/")
+    )
+    return f"[iteration {it}] eval success: All {metrics['eval/success']:.2f} {columns}\n{tables}"
 
 
 class Clock:

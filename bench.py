@@ -52,6 +52,7 @@ real shape."""
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import resource
@@ -930,8 +931,11 @@ def run_ablation(opts, passthrough, command):
         raise SystemExit(f"bench.py: error: --figure_arms {unknown} are not arms of this ablation")
     figure = "ablation.png" if shown == names else f"ablation-{'-'.join(shown)}.png"
     figure = os.path.join(opts.out_dir, figure.replace(" ", "_").replace("=", ""))
-    draw_ablation(results, shown, seeds, opts.reference, command, figure)
-    print(f"figure: {figure}")
+    if importlib.util.find_spec("matplotlib") is None:
+        print("no figure: matplotlib is not installed (pip install -r requirements.txt)")
+    else:
+        draw_ablation(results, shown, seeds, opts.reference, command, figure)
+        print(f"figure: {figure}")
     return results
 
 

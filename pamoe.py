@@ -38,6 +38,7 @@ Departures from the paper, one line each (FINDINGS.md has the evidence):
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -92,9 +93,7 @@ ROUTINGS = {  # the paper's granularity ablation, and one LoRA
 class Args:
     # run
     env: str = arg("toy", "environment", envs.ENVS)
-    alfworld_data: str = arg(
-        "", "alfworld: games folder, official or envs.py's (or $ALFWORLD_DATA)"
-    )
+    alfworld_data: str = arg("", "alfworld: games folder (or $ALFWORLD_DATA): official, mini")
     eval_split: str = arg(
         "eval_in_distribution",
         "alfworld: seen | unseen games",
@@ -116,32 +115,22 @@ class Args:
     max_steps: int = arg(15, "step limit per episode (truncation; ALFWorld: 50)", "[1, 1000]")
     history: int = arg(0, "past observation/action pairs in the prompt (paper: 2)", "[0, 1000]")
     max_prompt_tokens: int = arg(2048, "prompt limit: oldest history dropped first", "[64, 131072]")
-    action_format: str = arg(
-        "label", "label: an action's number; tagged: <think>/<action>", tuple(envs.ANSWER)
-    )
+    action_format: str = arg("label", "an action's number | <think>/<action>", tuple(envs.ANSWER))
     max_new_tokens: int = arg(1, "response length limit per step (tagged: 512)", "[1, 8192]")
-    tiny_steps: int = arg(
-        400, "`tiny`: supervised warm-up steps before it is frozen", "[0, 100000]"
-    )
+    tiny_steps: int = arg(400, "`tiny`: warm-up steps before it is frozen", "[0, 100000]")
     tiny_prior: float = arg(0.15, "`tiny`: the toy solver's share of its warm-up answers", "[0, 1]")
     temperature: float = arg(1.0, "rollout sampling temperature (and PPO's)", "(0, inf)")
     eval_temperature: float = arg(0.4, "evaluation sampling temperature", "(0, inf)")
-    eval_every: int = arg(
-        10, "evaluate every N iterations, at 0 and the end; 0 = never", "[0, inf)"
-    )
+    eval_every: int = arg(10, "evaluate every N iterations (and at 0, the end)", "[0, inf)")
     eval_episodes: int = arg(128, "evaluation episodes, on a fixed set of seeds", "[0, 4096]")
     ckpt_every: int = arg(10, "checkpoint every N iterations (and after the last)", "[1, inf)")
     diagnostics: bool = arg(False, "at evaluations: the experts' occupancy and gradient conflict")
     # experts
-    routing: str = arg(
-        "phase", "the paper's granularity ablation; dense: one LoRA", tuple(ROUTINGS)
-    )
+    routing: str = arg("phase", "the paper's ablation; dense: one LoRA", tuple(ROUTINGS))
     num_experts: int = arg(4, "K: LoRA experts (named A..P)", "[1, 16]")
     rank: int = arg(32, "r: LoRA rank of each expert", "[1, 1024]")
     alpha: float = arg(64.0, "LoRA alpha; the update is scaled by alpha / r", "(0, inf)")
-    dense_rank: int = arg(
-        0, "dense: its one expert's rank (0: --rank; K*r: equal size)", "[0, 16384]"
-    )
+    dense_rank: int = arg(0, "dense: its expert's rank (0: --rank)", "[0, 16384]")
     targets: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated linear layers given experts")
     # router
     router_window: int = arg(5, "L: past steps read by the router's LSTM", "[1, 1000]")
@@ -150,18 +139,12 @@ class Args:
     tau_start: float = arg(2.0, "router softmax temperature at the start", "(0, inf)")
     tau_end: float = arg(0.5, "router temperature after --tau_steps router updates", "(0, inf)")
     tau_steps: int = arg(3000, "router updates over which tau is annealed linearly", "[1, inf)")
-    switch_coef: float = arg(
-        0.05, "lambda_s: temporal-consistency (soft switch) penalty", "[0, inf)"
-    )
-    balance: str = arg(
-        "switch", "load balance: Switch Transformer's | the paper's", ("switch", "sq")
-    )
+    switch_coef: float = arg(0.05, "lambda_s: temporal-consistency penalty", "[0, inf)")
+    balance: str = arg("switch", "Switch Transformer's | the paper's", ("switch", "sq"))
     balance_coef: float = arg(0.01, "lambda_b: the balance loss's weight (paper: 1e-3)", "[0, inf)")
     info_coef: float = arg(10.0, "lambda_i: I(expert; last verb), maximised (paper: 0)", "[0, inf)")
     # advantages
-    advantage: str = arg(
-        "gae", "gae (critic) | critic-free in game groups", ("gae", "grpo", "gigpo")
-    )
+    advantage: str = arg("gae", "gae: a critic; grpo, gigpo: game groups", ("gae", "grpo", "gigpo"))
     group_size: int = arg(1, "G: environments per game group (grpo, gigpo: >= 2)", "[1, 4096]")
     adv_norm: str = arg("mean_std", "grpo, gigpo: divide by the std, or not", ("mean_std", "mean"))
     step_weight: float = arg(1.0, "gigpo: w, the step advantage's weight", "[0, inf)")
@@ -274,7 +257,7 @@ def iteration(agent, opt, env_batch, lanes, it, tau_state):
     stats = {**ppo_update(agent, opt, steps, batch, tau_state), **diagnostics}
     times["update_s"] = time.time() - t0 - times["rollout_s"] - times["prepare_s"]
     times.update(agent.clock.read())
-    m = iteration_metrics(it, all_steps, stats, times, a, t0)
+    m = analysis.iteration_metrics(it, all_steps, stats, times, a, t0)
     if evaluating:
         m.update(report_evaluation(agent, it, stats["tau"]))
     return m
@@ -499,15 +482,12 @@ class StepFeatures:
 
 
 def generate(agent, prompts, gates, temperature, batch_size=None, experts_on=True):
-    """One sampled response per prompt with the experts of gates (B, 1, K) (None: token routing),
-    with only the sampling settings stated here (load_model cleared the model's own); a tagged
-    answer ends at its `</action>` (transformers' stop strings, checked on the device).
-    --compile_decode with batch_size: the batch is filled up to batch_size with copies of the first
-    prompt (on expert A), so that every call has one shape and reuses one static KV cache, one
-    gates buffer and one compiled decode step. Returns per prompt (prompt ids, response ids up to
-    the EOS or the end of the tagged answer, response text), and for token routing each response's
-    most chosen expert over layers and tokens (tables only), else None. The prefill and decode
-    times go to agent.clock. experts_on False: the frozen base alone (the reference policy)."""
+    """One sampled response per prompt, with the experts of gates (B, 1, K) (None: token routing;
+    experts_on False: the frozen base) and only the sampling settings stated here; a tagged answer
+    ends at its `</action>`. --compile_decode: the batch is filled to batch_size with copies of the
+    first prompt, so that one static KV cache, gates buffer and compiled decode step serve every
+    call. Returns (prompt ids, response ids, text) per prompt, and for token routing each
+    response's most chosen expert (tables only), else None."""
     a, tok = agent.args, agent.tok
     n = len(prompts)
     static = a.compile_decode and batch_size is not None
@@ -899,16 +879,13 @@ def ppo_minibatch(agent, opt, steps, batch, mb, tau):
 
 
 def router_losses(agent, steps, batch, mb, tau):
-    """The step router on minibatch mb (this rank's steps; means over all ranks): p_t at each step
-    and p_t+1 at the next step of the same episode, straight-through gates of the rollout's choices
-    k, and its auxiliary losses
+    """The step router on minibatch mb (this rank's steps; means over all ranks): p_t, and p_t+1 of
+    the same episode, straight-through gates of the rollout's choices k, and its own losses
         switch  = lambda_s mean_t (1 - sum_k p_t,k p_t+1,k)    temporal consistency (phase)
         balance = lambda_b balance_loss(P, f)                   load balance
         info    = -lambda_i I(k; verb of the previous action)   behaviour information (phase)
-    Trajectory routing decides once per episode, from its first step, so it never switches: its
-    p_t+1 would be p_t and the switch term 1 - sum_k p_k^2 a sharpening of p weighted by the
-    episode's length; it has no switch term.
-    Returns gates (b, 1, K), {term: loss}, {statistic: value} and p (b, K)."""
+    (trajectory routing decides once per episode: no switch to penalise). Returns gates (b, 1, K),
+    {term: loss}, {statistic: value} and p (b, K)."""
     a = agent.args
     n_steps = global_sum(len(mb))
     lanes, k = batch.lanes[mb], batch.k[mb]
@@ -942,12 +919,10 @@ def router_losses(agent, steps, batch, mb, tau):
 
 
 def policy_backward(agent, steps, batch, mb, gates, router_p):
-    """Backward of the policy loss of minibatch mb in micro-batches of --micro_batch steps
-    (gradient accumulation), each weighted by its share of the minibatch's response tokens on all
-    ranks; token routing adds each layer's balance of its token router. gates: a leaf (b, 1, K)
-    cut from the router's graph (its gradient collects there), or None; router_p (b, K): a step
-    router's probabilities, or None. Returns token-weighted means of the statistics and the loss
-    terms summed over micro-batches."""
+    """Backward of the policy loss of minibatch mb in micro-batches of --micro_batch steps, each
+    weighted by its share of the minibatch's response tokens on all ranks. gates: a leaf (b, 1, K)
+    cut from the router's graph (its gradient collects there), or None; router_p (b, K) or None.
+    Returns token-weighted means of the statistics and the loss terms summed."""
     a = agent.args
     tokens = global_sum(sum(steps.resp_len[i] for i in mb))  # response tokens, all ranks
     parts = torch.arange(len(mb)).split(a.micro_batch or len(mb))
@@ -1008,12 +983,10 @@ def policy_loss(agent, steps, batch, idx, gates, router_p=None):
 
 
 def rspo_weight(agent, batch, idx, router_p, starts, lengths, mask):
-    """--rspo: each response token's weight (b, T) on its ratio, from how far the routing of its
-    step moved since the rollout at the expert the rollout chose (router_shift_weight). The update
-    replays the rollout's choices, so the policy's tokens do not move with the router; the weight
-    damps the steps whose routing probability moved (a trust region on the router). A step
-    router: p_now (router_p) against the rollout's; token routing: every layer's router at each
-    token, read off the pass that just ran, against the rollout's choices."""
+    """--rspo: each response token's weight (b, T) on its ratio, from how far the routing moved at
+    the expert the rollout chose (router_shift_weight): a trust region on the router, whose choices
+    the update replays. A step router: router_p against the rollout's; token routing: each layer's
+    router at each token, read off the pass that just ran."""
     if agent.args.mode.token:
         probs = agent.response_router_probs(starts, lengths)  # (n, layers, K)
         choice = torch.cat([batch.old_choice[i] for i in idx])  # (n, layers)
@@ -1351,18 +1324,15 @@ def checkpoint_layers(model):
         f"drop --grad_ckpt",
     )
 
-    def wrap(forward):  # checkpointed where autograd records; plain in no-grad passes
-        def checkpointed(*args, **kwargs):
-            if not torch.is_grad_enabled():
-                return forward(*args, **kwargs)
-            return checkpoint(
-                forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs
-            )
-
-        return checkpointed
-
     for layer in layers:
-        layer.forward = wrap(layer.forward)
+        layer.forward = functools.partial(checkpointed, layer.forward)
+
+
+def checkpointed(forward, *args, **kwargs):
+    """forward(*args, **kwargs), checkpointed where autograd records; plain in no-grad passes."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 # The agent: frozen LM + experts + router + critic, and loading the model ==========================
@@ -1413,9 +1383,7 @@ class Agent(nn.Module):
         """--compile_decode: gates (b, 1, K) copied into one buffer (batch_size, 1, K) per batch
         size, the rows beyond b on expert A: a CUDA graph reads its inputs at fixed addresses."""
         if batch_size not in self.gate_buffers:
-            self.gate_buffers[batch_size] = torch.zeros(
-                batch_size, 1, gates.shape[-1], device=gates.device
-            )
+            self.gate_buffers[batch_size] = gates.new_zeros(batch_size, 1, gates.shape[-1])
         buffer = self.gate_buffers[batch_size]
         buffer.zero_()
         buffer[:, 0, 0] = 1
@@ -1574,27 +1542,6 @@ def gather_steps(steps, lanes):
     return Rollout(**{name: sum((part[name] for part in parts), []) for name in names})
 
 
-def iteration_metrics(it, all_steps, stats, times, args, t0):
-    """One line of metrics.jsonl: the training episodes of all ranks, the update's statistics,
-    sizes and times."""
-    episodes = analysis.rollout_stats(all_steps, args.num_envs)
-    task_types = envs.TASK_COLUMNS[args.env]
-    m = {"iteration": it}
-    m.update(analysis.episode_metrics(all_steps, episodes, args.experts[0], task_types))
-    m.update(stats)
-    m["resp_len_mean"] = np.mean(all_steps.resp_len)
-    m["resp_len_max"] = max(all_steps.resp_len)
-    m["env_steps"] = len(all_steps.k)
-    m.update(times)  # rollout, prepare and update; prefill, decode, env and features; counts
-    if times.get("decode_steps"):
-        m["decode_ms_per_step"] = 1000 * times["decode_s"] / times["decode_steps"]
-    if times.get("generated"):  # every row of every decode step, finished or not
-        m["gen_tokens_per_s"] = times["generated"] / (times["prefill_s"] + times["decode_s"])
-    m["iteration_s"] = time.time() - t0
-    m["sps"] = m["env_steps"] / m["iteration_s"]
-    return m
-
-
 EVAL_SEED = 10_000_000
 
 
@@ -1612,9 +1559,7 @@ def evaluate(agent, tau):
         mine = rollout(agent, env_batch, seeds, tau, a.eval_temperature, greedy_router=True)
     steps, K = gather_steps(mine, lanes), a.experts[0]
     episodes = analysis.rollout_stats(steps, a.eval_episodes)
-    by_task = {}  # in the paper's order
-    for task_type in envs.TASK_COLUMNS[a.env]:
-        by_task[task_type] = [e for e in episodes if e["task_type"] == task_type]
+    by_task = {c: [e for e in episodes if e["task_type"] == c] for c in envs.TASK_COLUMNS[a.env]}
     m = analysis.episode_metrics(steps, episodes, K, by_task, "eval/")
     share = [m[f"eval/expert_share/{LETTERS[k]}"] for k in range(K)]
     m["eval/phase_nmi"] = analysis.nmi(steps.k, steps.phase)
@@ -1624,21 +1569,13 @@ def evaluate(agent, tau):
     return {**m, **usage}, tables, mine
 
 
-def evaluation_report(it, metrics, tables):
-    """The text of an evaluation: success in all and per task type, then the tables."""
-    columns = " ".join(
-        f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/success/")
-    )
-    return f"[iteration {it}] eval success: All {metrics['eval/success']:.2f} {columns}\n{tables}"
-
-
 def report_evaluation(agent, it, tau):
     """Evaluate during training; rank 0 prints the report and appends it to eval.log. Returns the
     eval/* metrics and the evaluation's time."""
     t = time.time()
     metrics, tables, _ = evaluate(agent, tau)
     if rank_world()[0] == 0:
-        report = evaluation_report(it, metrics, tables)
+        report = analysis.evaluation_report(it, metrics, tables)
         tqdm.write(report)
         with open(os.path.join(agent.args.out_dir, "eval.log"), "a") as f:
             f.write(report + "\n")
@@ -1778,21 +1715,14 @@ def save_checkpoint(path, agent, opt, iteration, tau_state):
         dist.barrier()
 
 
+# the flags that define what a checkpoint holds (`tiny` builds its base from --env, --seed, ...)
 MODEL_FLAGS = (
     "model env seed tiny_steps tiny_prior routing num_experts rank dense_rank alpha "
     "targets router_hidden router_layers"
 ).split()
 
 
-CHECKPOINT_KEYS = {
-    "trainable",
-    "optimizer",
-    "iteration",
-    "tau_updates",
-    "args",
-    "rng",
-    "world_size",
-}
+CHECKPOINT_KEYS = set("trainable optimizer iteration tau_updates args rng world_size".split())
 
 
 def read_checkpoint(path):
@@ -1806,7 +1736,19 @@ def read_checkpoint(path):
         f"--resume {path}: not a PA-MoE checkpoint; point it at the checkpoint.pt in a run's "
         f"--out_dir",
     )
+    saved = state["args"]
+    retired = [f"--{k} {saved[k]}" for k, v in RETIRED.items() if saved.get(k, v) != v]
+    retired += [f"--routing {saved['routing']}"] if saved["routing"] not in ROUTINGS else []
+    need(
+        not retired,
+        f"--resume {path} was trained with {', '.join(retired)}, which pamoe.py dropped in "
+        f"commit 3abdbb3; use it with the commit before (git checkout ac06ee1)",
+    )
     return state
+
+
+# the premise search's flags, removed in commit 3abdbb3, at the values that run as today
+RETIRED = {"toy_variant": "demo", "train_tasks": "", "task_norm": False, "minibatches": 0}
 
 
 def load_checkpoint(path, agent, opt, tau_state):

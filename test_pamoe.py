@@ -3,6 +3,7 @@ toy env, checkpoints and an end-to-end learning run. CPU only, no downloads."""
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -1314,6 +1315,8 @@ def test_a_model_that_cannot_load_stops_with_the_fix(tmp_path, monkeypatch, case
         ("other flags", "trained with --rank 8 \\(this run: 4\\)"),
         ("other tensors", "tensors do not fit"),
         ("already done", "at iteration 5 already; raise --iterations"),
+        ("a retired flag", "trained with --toy_variant conflict, .* dropped in commit 3abdbb3"),
+        ("a retired routing", "trained with --routing task_oracle, .* dropped in commit 3abdbb3"),
     ],
 )
 def test_a_checkpoint_that_does_not_fit_stops_with_the_fix(tmp_path, case, words):
@@ -1338,6 +1341,10 @@ def test_a_checkpoint_that_does_not_fit_stops_with_the_fix(tmp_path, case, words
         state["args"]["rank"] = 8
     elif case == "other tensors":
         state["trainable"] = {}
+    elif case == "a retired flag":  # written before the premise search's flags were removed
+        state["args"]["toy_variant"] = "conflict"
+    elif case == "a retired routing":
+        state["args"]["routing"] = "task_oracle"
     if state is not None:
         torch.save(state, ckpt)
     with pytest.raises(SystemExit, match=f"pamoe.py: error: --resume {ckpt}.*{words}"):
@@ -1701,12 +1708,14 @@ def test_the_ablation_runs_every_arm_and_seed_on_shared_bases_and_reports_interv
     assert re.search(r"\| phase \| \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", report)  # mean [95% interval]
     args = json.load(open(os.path.join(out, "g2-seed1", "args.json")))
     assert args[args.index("--advantage") + 1] == "grpo"
+    drawn = importlib.util.find_spec("matplotlib") is not None  # the figures need it, not the rest
     figure = os.path.join(out, "ablation.png")
-    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(figure) < 200_000
+    assert not drawn or open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not drawn or os.path.getsize(figure) < 200_000
     capsys.readouterr()
     bench.main([*command, *flags, "--figure_arms", "phase,dense"])  # redrawn from the runs
     assert "6 runs (6 already done)" in capsys.readouterr().out
-    assert os.path.exists(os.path.join(out, "ablation-phase-dense.png"))
+    assert os.path.exists(os.path.join(out, "ablation-phase-dense.png")) == drawn
     built = make_agent("--tiny_steps", "3", seed=1)
     loaded = make_agent("--tiny_steps", "3", "--model", os.path.join(out, "base-seed1"), seed=1)
     for (n, a), (m, b) in zip(built.state_dict().items(), loaded.state_dict().items()):

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import analysis
 import pamoe
 from analysis import LETTERS
 
@@ -39,7 +40,7 @@ def use(args):
     if rank == 0:
         if args.show:
             print(show_episodes(mine, args.show, args.mode.token))
-        print(pamoe.evaluation_report(it, metrics, tables))
+        print(analysis.evaluation_report(it, metrics, tables))
         result = {"checkpoint": args.resume, "iteration": it}
         for key in ("eval_split", "eval_episodes", "eval_temperature"):
             result[key] = getattr(args, key)
