@@ -1,52 +1,33 @@
-"""bench.py: what phase-routed LoRA experts cost, and the paper's routing-granularity ablation in
-miniature.
+"""bench.py: what phase-routed LoRA experts cost, and the ablations that compare routings and
+training signals over seeds, with intervals and figures.
 
 Run:
-    python bench.py                 # timing table (CPU: tiny + mid model; CUDA: + Qwen2.5-1.5B's
-    shape) -> bench.json
-    python bench.py ablation        # one LoRA (rank r and K*r), trajectory, token, phase routing x
-    seeds 1-8 on
-                                    # the demo's settings, 2 runs at a time ->
-                                    runs/ablation/ablation.md, with 95%
-                                    # bootstrap intervals, phase against every arm, occupancy and
-                                    conflict
-    bash run.sh bench | ablation    # the same, in the project's environment
-    python bench.py ablation --info_coef 0   # flags bench.py does not know go to every pamoe.py run
-    python bench.py memory          # activation bytes per token of one PPO micro-batch on
-    Qwen2.5-1.5B's shape
-                                    # (CPU, random bf16 weights), with and without --grad_ckpt; the
-                                    GPU table
+    python bench.py                  # timing table (CPU: tiny + mid; CUDA: + Qwen2.5-1.5B's shape)
+    python bench.py ablation         # one LoRA (rank r and K*r), trajectory, token, phase routing
+                                     # x seeds 1-8 -> runs/ablation/ablation.md (95% bootstrap
+                                     # intervals, the reference against every arm), ablation.png
+    python bench.py ablation --arm "grpo=--advantage grpo --group_size 8" --reference phase
+                                     # an arm of one's own; flags bench.py does not know go to
+                                     # every pamoe.py run (--diagnostics: occupancy and conflict)
+    python bench.py memory           # activation bytes per token of one PPO micro-batch on
+                                     # Qwen2.5-1.5B's shape, with and without --grad_ckpt
     python bench.py preflight [pamoe.py flags]   # one rollout step and one PPO micro-batch at the
-    largest sizes the
-                                    # flags allow: peak memory and time, before a GPU run (bash
-                                    run.sh preflight)
-    python bench.py probe [--checkpoint runs/pamoe/checkpoint.pt]   # can the router's input tell
-    the hidden
-                                    # phases (and task types) apart? linear probes on its frozen
-                                    step features
+                                     # largest sizes the flags allow: peak memory and time
+    python bench.py gpu-rollout      # the prepared script for a lent GPU: decode, eager, compiled
+    python bench.py probe            # linear probes: can the router's input tell the phases apart?
+    bash run.sh bench | ablation | preflight     # the same, in the project's environment
 
 Timing rows (medians over --repeats after --warmup, all measured in the same run):
 - fwd+bwd of a fixed batch (next-token loss on random token ids) through: the frozen base (its
-backward reaches the
-  input embeddings, so it pays the activation gradients an adapter pays); base + one LoRA of rank r;
-  base + K
-  routed experts of rank r in our stacked pass (sequence i uses expert i mod K, all in one pass);
-  base + K experts
-  done as K masked full passes (one fwd+bwd of the whole batch per expert through a rank-r adapter,
-  the loss
-  masked to that expert's sequences: separate per-expert adapters, as in the released code). Ratios
-  are to one
-  LoRA.
+  backward reaches the input embeddings, so it pays the activation gradients an adapter pays);
+  base + one LoRA of rank r; base + K routed experts of rank r in our stacked pass (sequence i
+  uses expert i mod K, all in one pass); base + K experts done as K masked full passes (one
+  fwd+bwd of the whole batch per expert, the loss masked to that expert's sequences: separate
+  per-expert adapters, as in the released code). Ratios are to one LoRA.
 - generation: sampled tokens/s of one batch (fixed length, no EOS), base vs K routed experts; env
-steps/s of one
-  toy-env rollout (`tiny` only: the other sizes have no tokenizer) with the experts off vs on (the
-  phase router
-  and the frozen step features run in both). The agent rows run in pamoe's own dtype (`tiny`:
-  float32).
+  steps/s of one toy-env rollout (`tiny` only) with the experts off vs on.
 - PPO update: tokens through fwd+bwd per second in one update over one toy rollout (`tiny`).
-- peak memory of each row: CUDA max_memory_allocated; CPU the process's peak resident set during the
-row (it
-  includes the model and everything loaded before).
+- peak memory of each row: CUDA max_memory_allocated; CPU the process's peak resident set.
 Models are built from configs with random weights (no download); `qwen2.5-1.5b` has Qwen2.5-1.5B's
 real shape."""
 

@@ -83,8 +83,8 @@ def trained_flags(given):
         f"drop them (--eval_only and --export take the checkpoint's)",
     )
     where = {"device": "auto", "out_dir": os.path.dirname(given["resume"]) or "."}
-    use = {k: v for k, v in given.items() if k in USE_FLAGS}
-    return {**trained, **where, **use}
+    asked = {k: v for k, v in given.items() if k in USE_FLAGS}
+    return {**trained, **where, **asked}
 
 
 def show_episodes(steps, n, token_routed):
