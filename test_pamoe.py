@@ -2162,7 +2162,7 @@ def test_the_one_graph_check_sees_a_graph_break_in_the_experts(hf_model, monkeyp
     monkeypatch.setattr(pamoe.LoRAExperts, "forward", broken)
     flags = ["--model", hf_model, "--action_format", "tagged", "--max_new_tokens", "16"]
     agent = make_agent(*flags, "--max_prompt_tokens", "64")
-    warm, after, _, _ = compiled_decode(agent, COMPILE_BACKEND)
+    warm, after, _, _ = compiled_decode(agent, "eager")  # dynamo's capture alone: what breaks
     with pytest.raises(AssertionError):
         assert_one_graph(warm, after)
     assert after["graph_breaks"] > 0
