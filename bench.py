@@ -992,7 +992,7 @@ def draw_differences(ax, results, names, seeds, reference):
     ax.invert_yaxis()
     ax.set(title=f"{reference} minus each arm (unpaired)", xlabel="difference of the means")
     ax.set_xlim(right=ax.get_xlim()[1] + 0.45)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
     ax.grid(alpha=0.3, axis="x")
 
 
