@@ -4,8 +4,10 @@
   between task types, per expert (pamoe.py --diagnostics, at each evaluation);
 - nmi and usage_tables: how the evaluation's routing lines up with the task types and phases
   (every evaluation's eval/phase_nmi, eval/usage/* and the tables of eval.log);
-- rollout_stats, episode_metrics, iteration_metrics, evaluation_report: a metrics.jsonl line and
-  an evaluation's text, from a rollout's per-step lists (pamoe.Rollout);
+- rollout_stats, episode_metrics, evaluation_metrics, iteration_metrics, evaluation_report: a
+  metrics.jsonl line and an evaluation's text, from a rollout's per-step lists (pamoe.Rollout);
+  explained_variance and zero_advantage_shares: the update's word on its advantages;
+- report_iteration, keep_until: on resume, the logs cut back to the checkpoint's iteration;
 - Clock and DecodeMark: where an iteration's time goes (prefill, decode, env, ...).
 
 Functions of what they are given: this module imports neither pamoe.py nor bench.py.
@@ -13,6 +15,7 @@ Functions of what they are given: this module imports neither pamoe.py nor bench
 
 import contextlib
 import math
+import os
 import time
 from collections import Counter, defaultdict
 
@@ -182,6 +185,64 @@ def evaluation_report(it, metrics, tables):
         f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/success/")
     )
     return f"[iteration {it}] eval success: All {metrics['eval/success']:.2f} {columns}\n{tables}"
+
+
+def evaluation_metrics(steps, n_episodes, K, task_types):
+    """An evaluation's eval/* metrics and its tables, from all ranks' steps of its n_episodes:
+    success, returns and expert shares (per task type too), how the routing lines up with phases
+    and task types (NMI), the share's entropy and the usage tables."""
+    episodes = rollout_stats(steps, n_episodes)
+    by_task = {c: [e for e in episodes if e["task_type"] == c] for c in task_types}
+    m = episode_metrics(steps, episodes, K, by_task, "eval/")
+    share = [m[f"eval/expert_share/{LETTERS[k]}"] for k in range(K)]
+    m["eval/phase_nmi"] = nmi(steps.k, steps.phase)
+    m["eval/task_nmi"] = nmi(steps.k, steps.task_type)
+    m["eval/share_entropy"] = -sum(x * math.log(x) for x in share if x > 0)
+    usage, tables = usage_tables(steps, by_task, K)
+    return {**m, **usage}, tables
+
+
+def explained_variance(values, returns):
+    """1 - Var(returns - values) / Var(returns): the share of the returns' variance the critic
+    explains (nan when the returns do not vary)."""
+    if returns.var() == 0:
+        return float("nan")
+    return float(1 - (returns - values).var() / returns.var())
+
+
+def zero_advantage_shares(parts):
+    """zero_adv/<task>: each task type's share of steps whose advantage is 0, from every rank's
+    (task types, advantage is 0) lists."""
+    by_task = defaultdict(list)
+    for part_tasks, part_zero in parts:
+        for task, is_zero in zip(part_tasks, part_zero):
+            by_task[task].append(is_zero)
+    return {f"zero_adv/{task}": float(np.mean(z)) for task, z in by_task.items()}
+
+
+def report_iteration(line):
+    """The iteration an evaluation report of eval.log (evaluation_report) begins with, None for
+    its other lines."""
+    if not line.startswith("[iteration "):
+        return None
+    return int(line.split("]")[0][len("[iteration ") :])
+
+
+def keep_until(path, start, iteration_of):
+    """On resume, keep the lines of a log that belong to iterations <= start: iteration_of(line)
+    is the iteration a line begins (None: the line belongs to the one before it)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    it = 0
+    with open(path) as f:
+        for line in f:
+            begins = iteration_of(line)
+            it = it if begins is None else begins
+            if it <= start:
+                kept.append(line)
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 class Clock:

@@ -60,7 +60,6 @@ from transformers import GenerationConfig, StaticCache
 
 import analysis
 import envs
-from analysis import LETTERS
 
 
 # Arguments ========================================================================================
@@ -819,16 +818,10 @@ def ppo_update(agent, opt, steps, batch, tau_state):
     if a.has_critic:  # how much of the returns' variance the critic explained at rollout time
         values = torch.cat(all_gather(batch.values.cpu()))
         returns = torch.cat(all_gather(batch.ret.cpu()))
-        out["explained_variance"] = float("nan")
-        if returns.var() != 0:
-            out["explained_variance"] = float(1 - (returns - values).var() / returns.var())
+        out["explained_variance"] = analysis.explained_variance(values, returns)
     else:  # each task type's share of steps with advantage 0 (groups that scored alike): no signal
         zero = (batch.adv.abs() < 1e-6).tolist()
-        by_task = defaultdict(list)
-        for part_tasks, part_zero in all_gather((steps.task_type, zero)):
-            for task, is_zero in zip(part_tasks, part_zero):
-                by_task[task].append(is_zero)
-        out.update({f"zero_adv/{task}": float(np.mean(z)) for task, z in by_task.items()})
+        out.update(analysis.zero_advantage_shares(all_gather((steps.task_type, zero))))
     out["tau"] = tau_at(tau_state["updates"], a.tau_start, a.tau_end, a.tau_steps)
     return out
 
@@ -1557,16 +1550,10 @@ def evaluate(agent, tau):
     with contextlib.closing(env_batch), torch.random.fork_rng(devices):
         torch.manual_seed(EVAL_SEED + rank_world()[0])
         mine = rollout(agent, env_batch, seeds, tau, a.eval_temperature, greedy_router=True)
-    steps, K = gather_steps(mine, lanes), a.experts[0]
-    episodes = analysis.rollout_stats(steps, a.eval_episodes)
-    by_task = {c: [e for e in episodes if e["task_type"] == c] for c in envs.TASK_COLUMNS[a.env]}
-    m = analysis.episode_metrics(steps, episodes, K, by_task, "eval/")
-    share = [m[f"eval/expert_share/{LETTERS[k]}"] for k in range(K)]
-    m["eval/phase_nmi"] = analysis.nmi(steps.k, steps.phase)
-    m["eval/task_nmi"] = analysis.nmi(steps.k, steps.task_type)
-    m["eval/share_entropy"] = -sum(x * math.log(x) for x in share if x > 0)
-    usage, tables = analysis.usage_tables(steps, by_task, K)
-    return {**m, **usage}, tables, mine
+    steps = gather_steps(mine, lanes)
+    task_types = envs.TASK_COLUMNS[a.env]
+    metrics, tables = analysis.evaluation_metrics(steps, a.eval_episodes, a.experts[0], task_types)
+    return metrics, tables, mine
 
 
 def report_evaluation(agent, it, tau):
@@ -1814,33 +1801,9 @@ def start_run(args, agent, opt, tau_state):
             if os.path.exists(path):
                 os.remove(path)
     else:
-        keep_until(metrics, start, lambda line: json.loads(line)["iteration"])
-        keep_until(reports, start, report_iteration)
+        analysis.keep_until(metrics, start, lambda line: json.loads(line)["iteration"])
+        analysis.keep_until(reports, start, analysis.report_iteration)
     return start
-
-
-def report_iteration(line):
-    """The iteration an evaluation report of eval.log begins with, None for its other lines."""
-    if not line.startswith("[iteration "):
-        return None
-    return int(line.split("]")[0][len("[iteration ") :])
-
-
-def keep_until(path, start, iteration_of):
-    """Keep the lines of a log that belong to iterations <= start: iteration_of(line) is the
-    iteration a line begins (None: the line belongs to the one before it)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    it = 0
-    with open(path) as f:
-        for line in f:
-            begins = iteration_of(line)
-            it = it if begins is None else begins
-            if it <= start:
-                kept.append(line)
-    with open(path, "w") as f:
-        f.writelines(kept)
 
 
 def log_metrics(out_dir, m):
