@@ -193,7 +193,7 @@ def evaluation_metrics(steps, n_episodes, K, task_types):
     and task types (NMI), the share's entropy and the usage tables."""
     episodes = rollout_stats(steps, n_episodes)
     by_task = {c: [e for e in episodes if e["task_type"] == c] for c in task_types}
-    m = episode_metrics(steps, episodes, K, by_task, "eval/")
+    m = episode_metrics(steps, episodes, K, task_types, "eval/")
     share = [m[f"eval/expert_share/{LETTERS[k]}"] for k in range(K)]
     m["eval/phase_nmi"] = nmi(steps.k, steps.phase)
     m["eval/task_nmi"] = nmi(steps.k, steps.task_type)
